@@ -1,0 +1,1 @@
+"""tvmflow Prefect flows and the `tvmflow` command."""

@@ -1,0 +1,126 @@
+"""The `tvmflow` command: compile, workers."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from tasks.errors import TvmflowError
+
+
+def _compile(args) -> int:
+    from flows.compile import compile_flow
+
+    report = compile_flow(model=args.model, device=args.device, trials=args.trials, store=args.store,
+                          inputs=args.input, data=args.data, tracker=args.tracker,
+                          precision=args.precision, measure_untuned=not args.no_untuned,
+                          worker_timeout=args.worker_timeout)
+    summary = {
+        "build_uri": report["build_uri"], "manifest_uri": report["manifest_uri"],
+        "latency_ms": report["latency_ms"], "latency_p90_ms": report["latency_p90_ms"],
+        "untuned_latency_ms": report["untuned_latency_ms"], "reference": report["reference"],
+        "baselines": report["baselines"], "validation": report["validation"], "tasks": report["tasks"],
+        "trials": report["trials"], "untuned_tasks": report["untuned_tasks"], "cache_hits": report["cache_hits"],
+    }
+    val = report["validation"]
+    lines = [
+        "", f"Build:      {report['build_uri']}",
+        f"Latency:    tuned {report['latency_ms']:.3f} ms (p90 {report['latency_p90_ms']:.3f})"
+        + (f", untuned {report['untuned_latency_ms']:.3f} ms" if report["untuned_latency_ms"] else ""),
+        "Baselines:  " + ", ".join(f"{k} {v:.3f} ms" for k, v in report["baselines"].items()),
+        f"Validation: {'passed' if val['passed'] else 'FAILED'} on {val['samples']} samples, max rel err "
+        f"{val['max_rel_err']:.2e}, top-1 agreement {val['top1_agreement']}",
+        f"Tuning:     {report['tasks']} tasks, {report['trials']} new trials, "
+        f"{len(report['untuned_tasks'])} untuned; cache hits: {', '.join(report['cache_hits']) or 'none'}",
+    ]
+    print("\n".join(lines), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(summary, default=str))
+    return 0
+
+
+def _workers(args) -> int:
+    from tasks import workers
+    from tasks.devices import get_device
+
+    if args.action == "start":
+        if workers.load_state():
+            raise TvmflowError("workers are already running (see `tvmflow workers status`); stop them first")
+        profile = get_device(args.device)
+        started = workers.start_local_workers(profile.rpc_key, args.servers)
+        workers.save_state(started)
+        print(f"tracker {started.tracker} with {args.servers} rpc server(s), key {profile.rpc_key!r}; "
+              f"use --tracker {started.tracker}")
+    elif args.action == "status":
+        state = workers.load_state()
+        if not state:
+            print("no local workers running")
+            return 1
+        summary = workers.tracker_summary(state.host, state.tracker_port)
+        print(json.dumps({"tracker": state.tracker, **summary}, indent=2))
+    else:
+        state = workers.load_state()
+        if state:
+            state.stop()
+        workers.clear_state()
+        print("stopped" if state else "no local workers running")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="tvmflow", description=__doc__)
+    root.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = root.add_subparsers(dest="command", required=True)
+    comp = sub.add_parser("compile", help="compile, tune, validate and publish a model")
+    from tasks.bundled import DEFAULT_MODEL
+
+    comp.add_argument("--model", default=DEFAULT_MODEL, help="path, file://, s3://, http(s):// URI, or package.module:callable")
+    comp.add_argument("--device", default="local")
+    comp.add_argument("--trials", type=int, default=None, help="total trial budget (default: the device's)")
+    comp.add_argument("--store", default="./artifacts", help="fsspec URI of the object store")
+    comp.add_argument("--input", action="append", help="name:shape:dtype, e.g. input:1x3x224x224:float32")
+    comp.add_argument("--data", default=None, help="validation data: npz URI, bundled:mnist[:N], bundled:imagenet-photos")
+    comp.add_argument("--tracker", default=None, help="host:port of an RPC tracker (default: start local workers)")
+    comp.add_argument("--precision", default="fp32")
+    comp.add_argument("--no-untuned", action="store_true", help="skip measuring the untuned build")
+    comp.add_argument("--worker-timeout", type=float, default=60.0, help="seconds to wait for a free device worker")
+    comp.add_argument("--json", action="store_true", help="print one JSON summary as the last stdout line")
+    comp.set_defaults(func=_compile)
+    work = sub.add_parser("workers", help="start/stop local device workers (tracker + rpc servers)")
+    work.add_argument("action", choices=["start", "status", "stop"])
+    work.add_argument("--device", default="local")
+    work.add_argument("--servers", type=int, default=2)
+    work.set_defaults(func=_workers)
+    return root
+
+
+class _HideUserErrorTracebacks(logging.Filter):
+    """Prefect logs task failures with a traceback; a user error is one line unless --debug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], TvmflowError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if not args.debug:
+        for name in ("prefect.task_runs", "prefect.flow_runs"):
+            logging.getLogger(name).addFilter(_HideUserErrorTracebacks())
+    try:
+        return args.func(args)
+    except TvmflowError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""On-demand compile flow: fetch -> import -> extract -> tune (fan-out) -> pick best -> build
+-> validate on the device -> publish. Thin: every step is a function in tasks/."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from pathlib import Path
+
+import tvm
+from prefect import flow, task, unmapped
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks import cache, steps
+from tasks.bundled import DEFAULT_DATA, DEFAULT_MODEL
+from tasks.datasets import load_dataset
+from tasks.devices import get_device
+from tasks.errors import TvmflowError
+from tasks.model_import import parse_input_spec
+from tasks.publish import build_prefix, new_build_id, publish_build, safe_segment, uri_of
+from tasks.reference import Reference, export_onnx_for_baseline, onnxruntime_latency
+from tasks.report import publish_artifacts, write_report_files
+from tasks.validate import compare, run_on_device
+from tasks.workers import parse_tracker, start_local_workers, wait_for_servers
+
+for noisy in ("tvm.s_tir.meta_schedule", "tvm"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def device_workers(device, tracker: str | None, worker_timeout: float):
+    """Yield (tracker address, server count): local ones started here, or an existing tracker."""
+    if tracker:
+        host, port = parse_tracker(tracker)
+        count = wait_for_servers(host, port, device.rpc_key, 1, worker_timeout)
+        yield (host, port), count
+        return
+    if device.local_workers <= 0:
+        raise TvmflowError(f"device {device.name!r} has no local workers: pass --tracker host:port of a tracker "
+                           f"where its rpc servers (key {device.rpc_key!r}) are registered")
+    workers = start_local_workers(device.rpc_key, device.local_workers, cache.cache_root() / "logs")
+    try:
+        yield (workers.host, workers.tracker_port), device.local_workers
+    finally:
+        workers.stop()
+
+
+@task(name="validate", cache_policy=NO_CACHE)
+def validate_on_device(lib, source, specs, dataset, tracker, device, precision):
+    names = [s.name for s in specs]
+    samples = [dataset.sample(i) for i in range(len(dataset))]
+    run = run_on_device(lib, tracker, device.rpc_key, samples, names, device.target.get("kind", "llvm"))
+    reference = Reference(source.path, source.framework, names)
+    validation = compare(run.outputs, [reference.run(s) for s in samples], precision, dataset.labels)
+    return run, validation, reference.latency_ms(samples[0])
+
+
+@task(name="publish", cache_policy=NO_CACHE)
+def publish(store, model, device_name, files, meta, build_id):
+    return publish_build(store, model, device_name, files, meta, build_id)
+
+
+def _baselines(source, samples0, framework_ms, work_dir) -> dict:
+    out = {f"{source.framework} (host)": framework_ms}
+    try:
+        onnx_path = source.path if source.framework == "onnx" else export_onnx_for_baseline(
+            source.path, work_dir / "baseline.onnx")
+        if source.framework != "onnx":
+            out["onnxruntime (host)"] = onnxruntime_latency(onnx_path, samples0)
+    except Exception as err:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
+        steps._logger().warning(f"onnxruntime baseline unavailable: {str(err).splitlines()[0][:200]}")
+    return out
+
+
+@flow(name="tvmflow-compile", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
+def compile_flow(model: str = DEFAULT_MODEL, device: str = "local", trials: int | None = None,
+                 store: str = "./artifacts", inputs: list[str] | None = None, data: str | None = None,
+                 tracker: str | None = None, precision: str = "fp32", measure_untuned: bool = True,
+                 worker_timeout: float = 60.0) -> dict:
+    """Compile, tune, validate and publish one model for one device."""
+    started = time.monotonic()
+    logger = steps._logger()
+    profile = get_device(device)
+    safe_segment(device, "device")
+    if precision != "fp32":
+        raise TvmflowError(f"precision {precision!r} is not supported yet; use fp32")
+    specs_in = [parse_input_spec(s) for s in inputs or []]
+    trials = profile.default_trials if trials is None else int(trials)
+    source = steps.fetch_model_task(model, specs_in)
+    safe_segment(source.name, "model")
+    prepared, specs, prep_key, import_hit = steps.import_task(source, profile, specs_in)
+    dataset = load_dataset(data or DEFAULT_DATA.get(model), specs)
+    plan = steps.plan_task(prepared, profile, trials)
+    logger.info(f"{len(plan)} tuning tasks; {trials} trials over {sum(1 for t in plan if t.trials)} of them")
+    work_dir = cache.cache_root() / "runs" / uuid.uuid4().hex[:12]
+    work_dir.mkdir(parents=True)
+    try:
+        with device_workers(profile, tracker, worker_timeout) as (address, servers):
+            tune_start = time.monotonic()
+            futures = steps.tune_task_.map(plan, device=profile, tracker=unmapped(address), servers=servers,
+                                           label=[f"[{i + 1}/{len(plan)}]" for i in range(len(plan))])
+            results = [f.result() for f in futures]
+            tuning_seconds = time.monotonic() - tune_start
+            db_dir, records = steps.merge_task(results, work_dir / "database")
+            lib, build_hit = steps.build_task(prepared, prep_key, profile, db_dir)
+            run, validation, framework_ms = validate_on_device(lib, source, specs, dataset, address, profile, precision)
+            untuned_ms = None
+            if measure_untuned:
+                untuned_lib, _ = steps.build_step(prepared, prep_key, profile, None)
+                untuned_ms = steps.cached_value("untuned-latency", cache.content_key(
+                    "untuned", prep_key, profile.target_key()), lambda: run_on_device(
+                    untuned_lib, address, profile.rpc_key, [dataset.sample(0)], [s.name for s in specs],
+                    profile.target.get("kind", "llvm"), repeat=3).median_ms)
+        hits = ["import"] if import_hit else []
+        tuned_hits = sum(1 for r in results if r.get("cached"))
+        if tuned_hits:
+            hits.append(f"tune ({tuned_hits}/{len(results)} tasks)")
+        if build_hit:
+            hits.append("build")
+        report = {
+            "model": source.name, "model_sha256": source.sha256, "device": device, "target": profile.target,
+            "tvm_version": tvm.__version__, "precision": precision, "framework": source.framework,
+            "inputs": [str(s) for s in specs], "data": dataset.source, "tasks": len(plan),
+            "trials": sum(r["trials_run"] for r in results if not r.get("cached")),
+            "trials_total": sum(r["trials_run"] for r in results), "tuning": results,
+            "untuned_tasks": [r["name"] for r in results if r["error"]], "records": records,
+            "latency_ms": run.median_ms, "latency_p90_ms": run.p90_ms, "untuned_latency_ms": untuned_ms,
+            "reference": {"framework": source.framework, "latency_ms": framework_ms},
+            "baselines": _baselines(source, dataset.sample(0), framework_ms, work_dir),
+            "validation": validation.to_json(), "cache_hits": hits,
+            "tuning_seconds": round(tuning_seconds, 1),
+        }
+        if not validation.passed:
+            write_report_files(report, work_dir)
+            raise TvmflowError(f"validation failed ({validation.reason}); nothing published; "
+                               f"report in {work_dir / 'report.md'}")
+        files = {"model.so": lib, "database_workload.json": db_dir / "database_workload.json",
+                 "database_tuning_record.json": db_dir / "database_tuning_record.json"}
+        report["wall_seconds"] = round(time.monotonic() - started, 1)
+        meta = {k: report[k] for k in ("model_sha256", "target", "tvm_version", "precision", "trials",
+                                       "tasks", "latency_ms", "validation", "framework", "inputs")}
+        meta["timings"] = {"tuning_seconds": report["tuning_seconds"], "wall_seconds": report["wall_seconds"]}
+        build_id = new_build_id()
+        report.update(build_id=build_id, build_uri=uri_of(store, build_prefix(store, source.name, device, build_id)))
+        files.update(write_report_files(report, work_dir / "report"))
+        published = publish(store, source.name, device, files, meta, build_id)
+        report.update(published)
+        publish_artifacts(report)
+        return report
+    finally:
+        steps.clean_dir(work_dir)

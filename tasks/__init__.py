@@ -1,0 +1,1 @@
+"""tvmflow steps: plain functions, one module per pipeline step."""

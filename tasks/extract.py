@@ -1,0 +1,78 @@
+"""Extract MetaSchedule tuning tasks and spread the trial budget over them by weighted FLOPs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TuningTask:
+    """One tunable workload; `mod_json` ships it between processes (tvm.ir.save_json)."""
+
+    name: str
+    weight: int
+    flops: float
+    mod_json: str
+    trials: int = 0
+
+    @property
+    def weighted_flops(self) -> float:
+        return self.weight * self.flops
+
+
+def prepare_for_tuning(mod, target):
+    """Lower Relax to the form MetaSchedule extracts from (else it finds 0 tasks)."""
+    import tvm
+    from tvm import relax
+
+    mod = relax.transform.DecomposeOpsForInference()(mod)
+    with tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target:
+        return relax.get_pipeline("zero")(mod)
+
+
+def extract_tasks(mod, target) -> list[TuningTask]:
+    """Tasks of a prepared module, heaviest first."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    tasks = []
+    for task in ms.relax_integration.extract_tasks(mod, target):
+        func_mod = task.dispatched[0]
+        try:
+            flops = float(estimate_tir_flops(func_mod))
+        except Exception:  # noqa: BLE001 - some kernels have no FLOP model
+            flops = 0.0
+        tasks.append(TuningTask(task.task_name, int(task.weight), flops, tvm.ir.save_json(func_mod)))
+    return sorted(tasks, key=lambda t: -t.weighted_flops)
+
+
+def allocate_trials(tasks: list[TuningTask], total: int, per_iter: int = 16,
+                    min_share: float = 0.005) -> list[TuningTask]:
+    """Give each task trials in proportion to its weighted FLOPs, in whole measurement rounds.
+
+    Tasks under `min_share` of the total FLOPs (reshapes, tiny adds) get none: a round of
+    measurements costs seconds, and they run in microseconds either way. Leftover budget
+    goes to the heaviest tasks first.
+    """
+    total_flops = sum(t.weighted_flops for t in tasks)
+    for task in tasks:
+        task.trials = 0
+    if total <= 0 or total_flops <= 0:
+        return tasks
+    eligible = [t for t in tasks if t.weighted_flops / total_flops >= min_share]
+    rounds = max(total // per_iter, 1)
+    eligible = eligible[:rounds]  # never fewer than one round per tuned task
+    eligible_flops = sum(t.weighted_flops for t in eligible)
+    for task in eligible:
+        task.trials = per_iter * max(1, int(rounds * task.weighted_flops / eligible_flops))
+    spent = sum(t.trials for t in eligible)
+    i = 0
+    while spent + per_iter <= max(total, per_iter) and eligible:
+        eligible[i % len(eligible)].trials += per_iter
+        spent += per_iter
+        i += 1
+    while spent > max(total, per_iter):  # rounding pushed us over: take from the largest
+        largest = max(eligible, key=lambda t: t.trials)
+        largest.trials -= per_iter
+        spent -= per_iter
+    return tasks

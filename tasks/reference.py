@@ -1,0 +1,65 @@
+"""Run the model in its source framework: the reference outputs and latency to beat."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tasks.errors import TvmflowError
+
+
+def _median_ms(fn, warmup: int = 3, repeat: int = 20) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return float(np.median(times))
+
+
+class Reference:
+    """The model as its framework runs it (onnxruntime for ONNX, torch for PyTorch)."""
+
+    def __init__(self, path: Path, framework: str, input_names: list[str]):
+        self.framework, self.input_names, self.path = framework, input_names, Path(path)
+        if framework == "onnx":
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        elif framework == "torch":
+            import torch
+
+            self._module = torch.export.load(str(path)).module()
+        else:
+            raise TvmflowError(f"no reference runner for framework {framework!r}")
+
+    def run(self, sample: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self.framework == "onnx":
+            return [np.asarray(o) for o in self._session.run(None, {n: sample[n] for n in self.input_names})]
+        import torch
+
+        with torch.no_grad():
+            out = self._module(*[torch.from_numpy(np.ascontiguousarray(sample[n])) for n in self.input_names])
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        return [o.detach().numpy() for o in outs]
+
+    def latency_ms(self, sample: dict[str, np.ndarray]) -> float:
+        return _median_ms(lambda: self.run(sample))
+
+
+def onnxruntime_latency(onnx_path: Path, sample: dict[str, np.ndarray]) -> float:
+    return Reference(onnx_path, "onnx", list(sample)).latency_ms(sample)
+
+
+def export_onnx_for_baseline(pt2_path: Path, out_path: Path) -> Path:
+    """ONNX of a torch program, so onnxruntime can be timed on the same input."""
+    import torch
+
+    program = torch.export.load(str(pt2_path))
+    torch.onnx.export(program, (), str(out_path), dynamo=True, external_data=False, verbose=False)
+    return out_path
