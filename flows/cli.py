@@ -106,6 +106,8 @@ class _HideUserErrorTracebacks(logging.Filter):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the ephemeral API's telemetry write races its own SQLite start-up ("database is locked")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = parser().parse_args(argv)
     if not args.debug:
         for name in ("prefect.task_runs", "prefect.flow_runs"):
