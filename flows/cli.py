@@ -108,6 +108,8 @@ class _HideUserErrorTracebacks(logging.Filter):
 def main(argv: list[str] | None = None) -> int:
     # the ephemeral API's telemetry write races its own SQLite start-up ("database is locked")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the ephemeral API's default 20 s start-up limit is missed on a busy 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     args = parser().parse_args(argv)
     if not args.debug:
         for name in ("prefect.task_runs", "prefect.flow_runs"):
