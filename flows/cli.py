@@ -16,7 +16,7 @@ def _compile(args) -> int:
     report = compile_flow(model=args.model, device=args.device, trials=args.trials, store=args.store,
                           inputs=args.input, data=args.data, tracker=args.tracker,
                           precision=args.precision, measure_untuned=not args.no_untuned,
-                          worker_timeout=args.worker_timeout)
+                          worker_timeout=args.worker_timeout, dask_address=args.dask)
     summary = {
         "build_uri": report["build_uri"], "manifest_uri": report["manifest_uri"],
         "latency_ms": report["latency_ms"], "latency_p90_ms": report["latency_p90_ms"],
@@ -69,6 +69,12 @@ def _workers(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from flows.serve import serve
+
+    return serve(args.port, args.device, args.servers, not args.no_deploy)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="tvmflow", description=__doc__)
     root.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -86,6 +92,7 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--precision", default="fp32")
     comp.add_argument("--no-untuned", action="store_true", help="skip measuring the untuned build")
     comp.add_argument("--worker-timeout", type=float, default=60.0, help="seconds to wait for a free device worker")
+    comp.add_argument("--dask", default=None, metavar="HOST:PORT", help="run the tuning fan-out on this Dask scheduler")
     comp.add_argument("--json", action="store_true", help="print one JSON summary as the last stdout line")
     comp.set_defaults(func=_compile)
     work = sub.add_parser("workers", help="start/stop local device workers (tracker + rpc servers)")
@@ -93,6 +100,12 @@ def parser() -> argparse.ArgumentParser:
     work.add_argument("--device", default="local")
     work.add_argument("--servers", type=int, default=2)
     work.set_defaults(func=_workers)
+    srv = sub.add_parser("serve", help="one machine: Prefect server + deployments + worker + local device workers")
+    srv.add_argument("--port", type=int, default=4200, help="Prefect server/UI port")
+    srv.add_argument("--device", default="local", help="device profile of the local device workers")
+    srv.add_argument("--servers", type=int, default=2, help="local rpc servers to start")
+    srv.add_argument("--no-deploy", action="store_true", help="do not (re)deploy deployments/prefect.yaml")
+    srv.set_defaults(func=_serve)
     return root
 
 

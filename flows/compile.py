@@ -23,38 +23,17 @@ from tasks.publish import build_prefix, new_build_id, publish_build, safe_segmen
 from tasks.reference import Reference, export_onnx_for_baseline, onnxruntime_latency
 from tasks.report import publish_artifacts, write_report_files
 from tasks.validate import compare, run_on_device
-from tasks.workers import parse_tracker, start_local_workers, wait_for_servers
+from tasks.steps import device_workers
+
+from flows.fanout import tune_fanout
 
 for noisy in ("tvm.s_tir.meta_schedule", "tvm"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-@contextlib.contextmanager
-def device_workers(device, tracker: str | None, worker_timeout: float):
-    """Yield (tracker address, server count): local ones started here, or an existing tracker."""
-    if tracker:
-        host, port = parse_tracker(tracker)
-        count = wait_for_servers(host, port, device.rpc_key, 1, worker_timeout)
-        yield (host, port), count
-        return
-    if device.local_workers <= 0:
-        raise TvmflowError(f"device {device.name!r} has no local workers: pass --tracker host:port of a tracker "
-                           f"where its rpc servers (key {device.rpc_key!r}) are registered")
-    workers = start_local_workers(device.rpc_key, device.local_workers, cache.cache_root() / "logs")
-    try:
-        yield (workers.host, workers.tracker_port), device.local_workers
-    finally:
-        workers.stop()
-
-
 @task(name="validate", cache_policy=NO_CACHE)
-def validate_on_device(lib, source, specs, dataset, tracker, device, precision):
-    names = [s.name for s in specs]
-    samples = [dataset.sample(i) for i in range(len(dataset))]
-    run = run_on_device(lib, tracker, device.rpc_key, samples, names, device.target.get("kind", "llvm"))
-    reference = Reference(source.path, source.framework, names)
-    validation = compare(run.outputs, [reference.run(s) for s in samples], precision, dataset.labels)
-    return run, validation, reference.latency_ms(samples[0])
+def validate_on_device(lib, source, specs, dataset, tracker, device, precision, servers=1):
+    return steps.validate_build(lib, source, specs, dataset, tracker, device, precision, servers)
 
 
 @task(name="publish", cache_policy=NO_CACHE)
@@ -78,8 +57,10 @@ def _baselines(source, samples0, framework_ms, work_dir) -> dict:
 def compile_flow(model: str = DEFAULT_MODEL, device: str = "local", trials: int | None = None,
                  store: str = "./artifacts", inputs: list[str] | None = None, data: str | None = None,
                  tracker: str | None = None, precision: str = "fp32", measure_untuned: bool = True,
-                 worker_timeout: float = 60.0) -> dict:
-    """Compile, tune, validate and publish one model for one device."""
+                 worker_timeout: float = 60.0, dask_address: str | None = None) -> dict:
+    """Compile, tune, validate and publish one model for one device.
+
+    `dask_address` (host:port of a Dask scheduler) runs the tuning fan-out on that cluster."""
     started = time.monotonic()
     logger = steps._logger()
     profile = get_device(device)
@@ -99,20 +80,19 @@ def compile_flow(model: str = DEFAULT_MODEL, device: str = "local", trials: int 
     try:
         with device_workers(profile, tracker, worker_timeout) as (address, servers):
             tune_start = time.monotonic()
-            futures = steps.tune_task_.map(plan, device=profile, tracker=unmapped(address), servers=servers,
-                                           label=[f"[{i + 1}/{len(plan)}]" for i in range(len(plan))])
-            results = [f.result() for f in futures]
+            results = tune_fanout(plan, profile, address, servers, dask_address=dask_address)
             tuning_seconds = time.monotonic() - tune_start
             db_dir, records = steps.merge_task(results, work_dir / "database")
             lib, build_hit = steps.build_task(prepared, prep_key, profile, db_dir)
-            run, validation, framework_ms = validate_on_device(lib, source, specs, dataset, address, profile, precision)
+            run, validation, framework_ms = validate_on_device(lib, source, specs, dataset, address, profile,
+                                                               precision, servers)
             untuned_ms = None
             if measure_untuned:
                 untuned_lib, _ = steps.build_step(prepared, prep_key, profile, None)
                 untuned_ms = steps.cached_value("untuned-latency", cache.content_key(
-                    "untuned", prep_key, profile.target_key()), lambda: run_on_device(
-                    untuned_lib, address, profile.rpc_key, [dataset.sample(0)], [s.name for s in specs],
-                    profile.target.get("kind", "llvm"), repeat=3).median_ms)
+                    "untuned", prep_key, profile.target_key()), lambda: steps.measure(
+                    untuned_lib, address, profile, servers, [dataset.sample(0)], [s.name for s in specs],
+                    repeat=3).median_ms)
         hits = ["import"] if import_hit else []
         tuned_hits = sum(1 for r in results if r.get("cached"))
         if tuned_hits:

@@ -5,9 +5,11 @@ Every step's cache key hashes its inputs' bytes, its config, the TVM version and
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,12 +83,21 @@ def plan_tuning(prepared_mod, device: DeviceProfile, trials: int, per_iter: int 
 
 
 def tune_one(task_: TuningTask, device: DeviceProfile, tracker: tuple[str, int], servers: int,
-             label: str = "", per_iter: int = 16) -> dict:
-    """Tune one task into its own cached database; a device failure is returned, not raised."""
+             label: str = "", per_iter: int = 16, seed_db_dir: str | None = None) -> dict:
+    """Tune one task into its own cached database; a device failure is returned, not raised.
+
+    `seed_db_dir` (earlier tuning of this device) warm-starts the search; its content is part
+    of the cache key, so a retune with the same seed and budget reuses the earlier search.
+    """
+    from tasks.pick_best import DB_FILES, has_db
     from tasks.tune import tune_task
 
     workload = hashlib.sha256(task_.mod_json.encode()).hexdigest()
-    key = cache.content_key("tune", workload, device.target_key(), task_.trials, per_iter)
+    seed = None
+    if seed_db_dir and has_db(seed_db_dir):
+        seed = cache.content_key(*[cache.sha256_file(Path(seed_db_dir) / n) for n in DB_FILES])
+    parts = ("tune", workload, device.target_key(), task_.trials, per_iter) + ((seed,) if seed else ())
+    key = cache.content_key(*parts)
     hit = cache.lookup("tune", key)
     logger = _logger()
     if hit:
@@ -96,7 +107,7 @@ def tune_one(task_: TuningTask, device: DeviceProfile, tracker: tuple[str, int],
         return result
     entry = cache.CacheEntry("tune", key)
     result = tune_task(task_, device.target, entry.path, tracker, device.rpc_key, servers,
-                       device.cross_compiler, label, logger.info, per_iter)
+                       device.cross_compiler, label, logger.info, per_iter, seed_db_dir if seed else None)
     if result.error is None or task_.trials <= 0:
         final = entry.commit()  # failed searches are not cached: a later run retries them
         result.db_dir = str(final)
@@ -133,6 +144,55 @@ def build_step(prepared_mod, prepare_key: str, device: DeviceProfile, db_dir: Pa
         entry.discard()
         raise
     return entry.commit() / "model.so", False
+
+
+@contextlib.contextmanager
+def device_workers(device: DeviceProfile, tracker: str | None, worker_timeout: float):
+    """Yield (tracker address, server count): local ones started here, or an existing tracker."""
+    from tasks.workers import parse_tracker, start_local_workers, wait_for_servers
+
+    tracker = tracker or os.environ.get("TVMFLOW_TRACKER")  # e.g. set by `tvmflow serve` for its worker
+    if tracker:
+        host, port = parse_tracker(tracker)
+        count = wait_for_servers(host, port, device.rpc_key, 1, worker_timeout)
+        yield (host, port), count
+        return
+    if device.local_workers <= 0:
+        raise TvmflowError(f"device {device.name!r} has no local workers: pass --tracker host:port of a tracker "
+                           f"where its rpc servers (key {device.rpc_key!r}) are registered")
+    workers = start_local_workers(device.rpc_key, device.local_workers, cache.cache_root() / "logs")
+    try:
+        yield (workers.host, workers.tracker_port), device.local_workers
+    finally:
+        workers.stop()
+
+
+def device_slots(device: DeviceProfile, servers: int) -> int:
+    """Devices of this kind: the fleet file's `count` if set, else the servers found on the tracker."""
+    return int(device.extra.get("count") or servers or 1)
+
+
+def measure(lib, tracker, device: DeviceProfile, servers: int, samples: list[dict], names: list[str], **kw):
+    """run_on_device inside the device's global concurrency slot."""
+    from tasks.capacity import on_device
+    from tasks.validate import run_on_device
+
+    with on_device(device.rpc_key, device_slots(device, servers)):
+        return run_on_device(lib, tracker, device.rpc_key, samples, names, device.target.get("kind", "llvm"), **kw)
+
+
+def validate_build(lib, source: ModelSource, specs, dataset, tracker, device: DeviceProfile, precision: str,
+                   servers: int = 1):
+    """(device run, Validation, framework latency): outputs on the device vs the source framework."""
+    from tasks.reference import Reference
+    from tasks.validate import compare
+
+    names = [s.name for s in specs]
+    samples = [dataset.sample(i) for i in range(len(dataset))]
+    run = measure(lib, tracker, device, servers, samples, names)
+    reference = Reference(source.path, source.framework, names)
+    validation = compare(run.outputs, [reference.run(s) for s in samples], precision, dataset.labels)
+    return run, validation, reference.latency_ms(samples[0])
 
 
 def cached_value(step: str, key: str, compute):

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tasks.capacity import limited_runner
 from tasks.extract import TuningTask
 
 log = logging.getLogger("tvmflow.tune")
@@ -127,6 +128,7 @@ def tune_task(task: TuningTask, target: dict, work_dir: str | Path, tracker: tup
     started = time.monotonic()
     try:
         builder, runner = measure_tools(*tracker, key, servers, cross_compiler)
+        runner = limited_runner(runner, key, servers)  # measurements hold the device's global slots
         database = ms.database.JSONDatabase(path_workload=str(work_dir / "database_workload.json"),
                                             path_tuning_record=str(work_dir / "database_tuning_record.json"))
         if seed_db_dir:

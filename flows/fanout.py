@@ -1,0 +1,57 @@
+"""The tuning fan-out as a subflow, so its task runner can be picked per run.
+
+Default: a thread pool of one (measurements share the device workers anyway). With
+`dask_address`, the tune tasks run on that Dask cluster through prefect-dask's DaskTaskRunner;
+builds of candidates happen on the Dask workers, measurements still go through the RPC tracker
+and the device's global concurrency limit. Databases travel as text (tasks.portable).
+"""
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks import steps
+from tasks.devices import DeviceProfile
+from tasks.extract import TuningTask
+from tasks.portable import pack_db, unpack_db
+
+
+@task(name="tune-task", cache_policy=NO_CACHE, task_run_name="tune-{task_.name}")
+def tune_portable(task_: TuningTask, device: DeviceProfile, tracker, servers: int, label: str,
+                  seed: dict | None = None) -> dict:
+    """steps.tune_one with the seed database and the result database shipped as text."""
+    result = steps.tune_one(task_, device, tuple(tracker), servers, label, seed_db_dir=unpack_db(seed, "seed-db"))
+    result["db_files"] = pack_db(result.get("db_dir"))
+    return result
+
+
+def _runner(dask_address: str | None):
+    if not dask_address:
+        return ThreadPoolTaskRunner(max_workers=1)
+    from prefect_dask import DaskTaskRunner
+
+    address = dask_address if "://" in dask_address else f"tcp://{dask_address}"
+    return DaskTaskRunner(address=address)
+
+
+@flow(name="tvmflow-tune-fanout", log_prints=True)
+def _fanout(plan: list[TuningTask], device: DeviceProfile, tracker, servers: int, seed: dict | None) -> list[dict]:
+    futures = [tune_portable.submit(t, device, tracker, servers, f"[{i + 1}/{len(plan)}]", seed)
+               for i, t in enumerate(plan)]
+    results = []
+    for future in futures:
+        result = future.result()
+        result["db_dir"] = unpack_db(result.pop("db_files", None), "tuned-db") or ""
+        results.append(result)
+    return results
+
+
+def tune_fanout(plan: list[TuningTask], device: DeviceProfile, tracker, servers: int,
+                seed_db_dir: str | None = None, dask_address: str | None = None) -> list[dict]:
+    """Tune every task of `plan` (warm-started from `seed_db_dir`); one result dict per task."""
+    if not plan:
+        return []
+    sub = _fanout.with_options(task_runner=_runner(dask_address),
+                               flow_run_name=f"tune-{device.name}" + ("-dask" if dask_address else ""))
+    return sub(plan, device, list(tracker), servers, pack_db(seed_db_dir))

@@ -1,0 +1,89 @@
+"""Deployments end to end: a real Prefect server (SQLite) on a free port, `prefect deploy --all`
+from deployments/prefect.yaml, a real process worker, and runs of the deployed flows."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+import prefect_env
+from tasks.cache import sha256_file
+from tasks.devices import load_fleet
+
+ROOT = prefect_env.ROOT
+
+
+def test_prefect_yaml_matches_the_fleet():
+    """prefect.yaml is generated from devices.yaml: a compile and a nightly retune deployment per device."""
+    check = subprocess.run([sys.executable, "deployments/generate.py", "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    names = {d["name"]: d for d in spec["deployments"]}
+    for device, profile in load_fleet().items():
+        compile_, retune = names[f"compile-{device}"], names[f"retune-{device}"]
+        assert compile_["entrypoint"] == "flows/compile.py:compile_flow"
+        assert retune["entrypoint"] == "flows/retune.py:retune_flow"
+        assert retune["parameters"]["device"] == device and retune["parameters"]["models"]
+        assert {"budget", "store"} <= set(retune["parameters"])
+        assert {"model", "device", "trials", "store"} <= set(compile_["parameters"])
+        assert retune["schedules"][0]["cron"].split()[2:] == ["*", "*", "*"]  # every night
+        assert retune["work_pool"]["name"] == compile_["work_pool"]["name"] == prefect_env.POOL
+
+
+def test_nightly_deployment_gets_scheduled_runs_from_its_cron():
+    srv = prefect_env.server()
+    dep = srv.deployment("tvmflow-retune", "retune-local")
+    cron = dep["schedules"][0]["schedule"]
+    assert cron["cron"] == "0 2 * * *" and cron["timezone"] == "UTC"
+    assert dep["work_pool_name"] == prefect_env.POOL
+    deadline, runs = time.monotonic() + 90, []
+    while time.monotonic() < deadline and not runs:
+        runs = srv.post("/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}},
+                                              "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
+        time.sleep(1)
+    assert runs, "the scheduler created no runs for the nightly deployment"
+    for run in runs:
+        start = datetime.fromisoformat(run["expected_start_time"].replace("Z", "+00:00"))
+        assert (start.hour, start.minute, start.utcoffset().total_seconds()) == (2, 0, 0)
+        assert run["parameters"]["device"] == "local" and run["parameters"]["budget"] == 64
+    assert len({r["expected_start_time"] for r in runs}) == len(runs)  # one per night
+
+
+def test_compile_deployment_run_publishes_and_reports():
+    """The compile deployment, triggered with parameters for a tiny model, completes; its build is
+    in the store (hashes match the manifest) and its report is an artifact in the Prefect API."""
+    srv, run = prefect_env.compile_run()
+    assert run["state"]["type"] == "COMPLETED", (run["state"], (srv.home / "worker.log").read_text()[-4000:])
+    assert run["parameters"]["model"] == "tasks.bundled:mnist_cnn"
+    base = srv.store / "builds" / "mnist_cnn" / "local"
+    build = base / (base / "LATEST").read_text().strip()
+    manifest = json.loads((build / "manifest.json").read_text())
+    assert manifest["validation"]["passed"] and manifest["device"] == "local"
+    for name, entry in manifest["files"].items():
+        assert sha256_file(build / name) == entry["sha256"], name
+    arts = {a["key"]: a for a in srv.artifacts(run["id"])}
+    assert {"mnist-cnn-local-report", "mnist-cnn-local-latency", "mnist-cnn-local-tuning"} <= set(arts)
+    report = arts["mnist-cnn-local-report"]
+    assert report["type"] == "markdown" and "validation: **passed**" in report["data"]
+    assert build.name in report["data"]
+    # every measurement went through the device's global concurrency limit, created on first use
+    limit = srv.get("/v2/concurrency_limits/device:local")
+    assert limit["limit"] == 2 and limit["active_slots"] == 0
+
+
+def test_bad_parameters_fail_the_run_before_any_tuning():
+    srv = prefect_env.server()
+    dep = srv.deployment("tvmflow-retune", "retune-local")
+    run = srv.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": {
+        "models": ["/nonexistent/model.onnx", "tasks.bundled:mnist_cnn"], "budget": 16,
+        "store": str(srv.store), "tracker": srv.tracker}})
+    done = srv.wait_run(run["id"], timeout=300)
+    assert done["state"]["type"] == "FAILED"
+    assert "model '/nonexistent/model.onnx' is missing" in done["state"]["message"]
+    tasks = srv.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
+    assert [t["name"].rsplit("-", 1)[0] for t in tasks] == ["check-parameters"]
