@@ -10,12 +10,30 @@ import sys
 from tasks.errors import TvmflowError
 
 
+def _precision_options(args) -> dict | None:
+    """--calibration & co. for tasks.precision_step.PrecisionOptions; warns (stderr) when the
+    precision is slower than fp32 on the device (fleet file's `precisions`)."""
+    from tasks.devices import get_device
+    from tasks.precision import check_precision, parse_ops, precision_warning
+
+    check_precision(args.precision)
+    warning = precision_warning(get_device(args.device), args.precision)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.precision == "fp32":
+        return None
+    return {"calibration": args.calibration, "method": args.calib_method, "keep_float": args.keep_float,
+            "allow": parse_ops(args.precision_allow), "deny": parse_ops(args.precision_deny),
+            "reduce_range": args.reduce_range}
+
+
 def _compile(args) -> int:
     from flows.compile import compile_flow
 
     report = compile_flow(model=args.model, device=args.device, trials=args.trials, store=args.store,
                           inputs=args.input, data=args.data, tracker=args.tracker,
                           precision=args.precision, measure_untuned=not args.no_untuned,
+                          precision_options=_precision_options(args),
                           worker_timeout=args.worker_timeout, dask_address=args.dask)
     summary = {
         "build_uri": report["build_uri"], "manifest_uri": report["manifest_uri"],
@@ -89,7 +107,15 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--input", action="append", help="name:shape:dtype, e.g. input:1x3x224x224:float32")
     comp.add_argument("--data", default=None, help="validation data: npz URI, bundled:mnist[:N], bundled:imagenet-photos")
     comp.add_argument("--tracker", default=None, help="host:port of an RPC tracker (default: start local workers)")
-    comp.add_argument("--precision", default="fp32")
+    comp.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"])
+    comp.add_argument("--calibration", default=None,
+                      help="int8 calibration samples: npz URI, image folder (#mean=..&std=..), bundled:mnist:500")
+    comp.add_argument("--calib-method", default="percentile", choices=["max", "percentile", "kl"])
+    comp.add_argument("--keep-float", default=None, help="int8: layers kept in float, e.g. conv2d_0,matmul_1 "
+                      "(default: first conv and last dense; 'none' quantizes all)")
+    comp.add_argument("--precision-allow", default=None, help="fp16/bf16: op kinds or layer names to convert")
+    comp.add_argument("--precision-deny", default=None, help="fp16/bf16: op kinds or layer names kept in fp32")
+    comp.add_argument("--reduce-range", action="store_true", help="int8: 7-bit weights (no vpmaddubsw saturation)")
     comp.add_argument("--no-untuned", action="store_true", help="skip measuring the untuned build")
     comp.add_argument("--worker-timeout", type=float, default=60.0, help="seconds to wait for a free device worker")
     comp.add_argument("--dask", default=None, metavar="HOST:PORT", help="run the tuning fan-out on this Dask scheduler")

@@ -19,6 +19,9 @@ from tasks.datasets import load_dataset
 from tasks.devices import get_device
 from tasks.errors import TvmflowError
 from tasks.model_import import parse_input_spec
+from tasks.precision import check_precision
+from tasks.precision import precision_warning as slow_precision_warning
+from tasks.precision_step import PrecisionOptions, precision_gate_failure, precision_task
 from tasks.publish import build_prefix, new_build_id, publish_build, safe_segment, uri_of
 from tasks.reference import Reference, export_onnx_for_baseline, onnxruntime_latency
 from tasks.report import publish_artifacts, write_report_files
@@ -57,22 +60,30 @@ def _baselines(source, samples0, framework_ms, work_dir) -> dict:
 def compile_flow(model: str = DEFAULT_MODEL, device: str = "local", trials: int | None = None,
                  store: str = "./artifacts", inputs: list[str] | None = None, data: str | None = None,
                  tracker: str | None = None, precision: str = "fp32", measure_untuned: bool = True,
-                 worker_timeout: float = 60.0, dask_address: str | None = None) -> dict:
+                 worker_timeout: float = 60.0, dask_address: str | None = None,
+                 precision_options: dict | None = None) -> dict:
     """Compile, tune, validate and publish one model for one device.
 
-    `dask_address` (host:port of a Dask scheduler) runs the tuning fan-out on that cluster."""
+    `dask_address` (host:port of a Dask scheduler) runs the tuning fan-out on that cluster.
+    `precision_options` (tasks.precision_step.PrecisionOptions fields): calibration URI, method,
+    keep_float, allow/deny lists for fp16/bf16/int8."""
     started = time.monotonic()
     logger = steps._logger()
     profile = get_device(device)
     safe_segment(device, "device")
-    if precision != "fp32":
-        raise TvmflowError(f"precision {precision!r} is not supported yet; use fp32")
+    precision_warning = check_precision(precision) and slow_precision_warning(profile, precision)
+    if precision_warning:
+        logger.warning(precision_warning)
     specs_in = [parse_input_spec(s) for s in inputs or []]
     trials = profile.default_trials if trials is None else int(trials)
     source = steps.fetch_model_task(model, specs_in)
     safe_segment(source.name, "model")
     prepared, specs, prep_key, import_hit = steps.import_task(source, profile, specs_in)
     dataset = load_dataset(data or DEFAULT_DATA.get(model), specs)
+    lowered = None
+    if precision != "fp32":  # fp16 / bf16 / calibrated int8 (tasks/precision_step.py)
+        lowered = precision_task(source, profile, specs_in, specs, precision, PrecisionOptions(**(precision_options or {})))
+        prepared, prep_key = lowered.prepared, lowered.key
     plan = steps.plan_task(prepared, profile, trials)
     logger.info(f"{len(plan)} tuning tasks; {trials} trials over {sum(1 for t in plan if t.trials)} of them")
     work_dir = cache.cache_root() / "runs" / uuid.uuid4().hex[:12]
@@ -111,7 +122,10 @@ def compile_flow(model: str = DEFAULT_MODEL, device: str = "local", trials: int 
             "baselines": _baselines(source, dataset.sample(0), framework_ms, work_dir),
             "validation": validation.to_json(), "cache_hits": hits,
             "tuning_seconds": round(tuning_seconds, 1),
+            "precision_info": lowered.info if lowered else None, "precision_warning": precision_warning,
         }
+        if not validation.passed and lowered is not None:  # per-layer error: which layer to keep in float
+            raise precision_gate_failure(report, source, specs_in, lowered, dataset)
         if not validation.passed:
             write_report_files(report, work_dir)
             raise TvmflowError(f"validation failed ({validation.reason}); nothing published; "

@@ -120,7 +120,9 @@ def _image_folder(path: Path, spec: str, input_spec):
     batch = []
     for f in files:
         img = io.imread(f)
-        img = np.stack([img] * 3, -1) if img.ndim == 2 else img[..., :3]
+        img = img[..., None] if img.ndim == 2 else img[..., :3]
+        channels = shape[-3] if layout == "nchw" else shape[-1]
+        img = img.mean(-1, keepdims=True) if channels == 1 else np.repeat(img, 3, -1) if img.shape[-1] == 1 else img
         img = (resize(img, (h, w), preserve_range=True, anti_aliasing=True) - mean) / std
         batch.append((img.transpose(2, 0, 1) if layout == "nchw" else img).reshape(shape))
     arr = np.stack(batch).astype(input_spec.dtype) if batch else np.zeros((0, *shape), input_spec.dtype)

@@ -70,7 +70,11 @@ def load_fleet(path: str | os.PathLike | None = None) -> dict[str, DeviceProfile
     for name, spec in raw.items():
         spec = dict(spec)
         spec["target"] = _resolve_host_values(spec["target"])
-        if "precisions" in spec:
+        if spec.get("precisions") == "host":  # detected from this CPU's flags (tasks.precision)
+            from tasks.precision import host_precisions
+
+            spec["precisions"] = host_precisions()
+        elif "precisions" in spec:
             spec["precisions"] = tuple(spec["precisions"])
         extra = {k: spec.pop(k) for k in list(spec) if k not in known}
         fleet[name] = DeviceProfile(name=name, extra=extra, **spec)

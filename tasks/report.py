@@ -46,6 +46,11 @@ def markdown(report: dict) -> str:
     untuned = [r["name"] for r in report["tuning"] if r["error"]]
     if untuned:
         lines += ["", f"Untuned tasks (default schedule): {', '.join(untuned)}"]
+    if report.get("per_layer_error"):  # issue 5: low-precision layer outputs against fp32
+        lines += ["", "## Per-layer error against fp32 (errors accumulate downstream)", "",
+                  "| layer | rel max err | SNR dB | cosine |", "|---|---|---|---|"]
+        lines += [f"| {r['layer']} | {r['rel_max_err']:.3e} | {r['snr_db']:.1f} | {r['cosine']:.5f} |"
+                  for r in report["per_layer_error"]]
     return "\n".join(lines) + "\n"
 
 

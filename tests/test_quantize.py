@@ -1,0 +1,140 @@
+"""Calibrated int8: calibration ranges, real integer compute, the accuracy gate on real MNIST
+digits, one-line errors for bad calibration input, and a failing gate that publishes nothing."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tasks.datasets import load_dataset
+from tasks.errors import TvmflowError
+from tasks.model_import import InputSpec
+
+SPECS = [InputSpec("x", (1, 1, 28, 28))]
+
+
+@pytest.fixture(scope="module")
+def mnist_mod():
+    import torch
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from tasks.bundled import mnist_cnn
+
+    model, example = mnist_cnn()
+    return from_exported_program(torch.export.export(model, example), unwrap_unit_return_tuple=True)
+
+
+def test_calibration_methods_give_sensible_ranges():
+    from tasks.calibrate import LayerStats, choose_range
+
+    rng = np.random.default_rng(1)
+    signed, relu = LayerStats(), LayerStats()
+    for _ in range(20):
+        x = rng.standard_normal(20000).astype("float32")
+        x[:2] = 40.0  # rare outliers
+        signed.add(x, rng)
+        relu.add(np.maximum(x, 0), rng)
+    lo, hi = choose_range(signed, "max")
+    assert (lo, hi) == (-40.0, 40.0)
+    p_lo, p_hi = choose_range(signed, "percentile", 99.9)
+    assert 2.5 < p_hi < 4.5 and p_lo == -p_hi  # the outliers are clipped
+    k_lo, k_hi = choose_range(signed, "kl")
+    assert 2.0 < k_hi < 40.0 and k_lo == -k_hi
+    r_lo, r_hi = choose_range(relu, "percentile")
+    assert r_lo == 0.0 and 0 < r_hi <= 40.0  # post-ReLU: unsigned range, uint8 activations
+    with pytest.raises(TvmflowError, match="unknown calibration method 'mse'"):
+        choose_range(signed, "mse")
+
+
+def test_empty_or_missing_calibration_is_a_one_line_error(tmp_path):
+    from tasks.calibrate import load_calibration
+
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, x=np.zeros((0, 1, 1, 28, 28), "float32"))
+    with pytest.raises(TvmflowError) as err:
+        load_calibration(str(empty), SPECS)
+    assert "calibration set" in str(err.value) and "empty" in str(err.value) and "\n" not in str(err.value)
+    folder = tmp_path / "no-images"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image")
+    with pytest.raises(TvmflowError, match="empty: no images"):
+        load_calibration(str(folder), SPECS)
+    with pytest.raises(TvmflowError, match="pass --calibration URI"):
+        load_calibration(None, SPECS)
+
+
+def test_image_folder_calibration_with_preprocessing_spec(tmp_path):
+    from skimage import io
+
+    from tasks.calibrate import load_calibration
+
+    for i in range(3):
+        io.imsave(tmp_path / f"digit{i}.png", np.full((56, 40, 3), 50 * i, "uint8"), check_contrast=False)
+    data = load_calibration(f"{tmp_path}#mean=0&std=255", SPECS)
+    assert data.inputs["x"].shape == (3, 1, 1, 28, 28)
+    assert np.allclose(data.inputs["x"][2], 100 / 255, atol=1e-3)
+
+
+def test_int8_mnist_keeps_accuracy_within_the_gate(mnist_mod):
+    from tasks.calibrate import calibrate
+    from tasks.layers import host_runner
+    from tasks.quantize import quantize_model
+    from tasks.validate import compare
+
+    ranges = calibrate(mnist_mod, load_dataset("bundled:mnist:300:0", SPECS), "percentile")
+    assert set(ranges) == {"conv2d_0", "conv2d_1", "matmul_0", "matmul_1"}
+    assert ranges["conv2d_1"][0] == 0.0 and ranges["conv2d_0"][0] < 0  # post-ReLU vs normalised input
+    qmod, plan = quantize_model(mnist_mod, ranges)
+    assert [k["name"] for k in plan.kept_float] == ["conv2d_0", "matmul_1"]  # first conv, last dense
+    assert [q["name"] for q in plan.quantized] == ["conv2d_1", "matmul_0"]
+    text = qmod.script(show_meta=False)
+    int_conv = next(l for l in text.splitlines() if "acc_conv2d_1" in l and "R.nn.conv2d" in l)
+    assert 'dtype="int32"' in int_conv and 'out_dtype="int32"' in int_conv  # integer accumulation
+    assert 'R.Tensor((1, 32, 14, 14), dtype="uint8")' in text  # uint8 activations feed it
+    data = load_dataset("bundled:mnist:400:600", SPECS)
+    ref, q = host_runner(mnist_mod), host_runner(qmod)
+    samples = [data.sample(i) for i in range(len(data))]
+    validation = compare([q(s) for s in samples], [ref(s) for s in samples], "int8", data.labels)
+    assert validation.passed, validation.reason
+    assert validation.top1_agreement >= 0.99
+    assert validation.reference_accuracy - validation.accuracy <= 0.005
+    assert validation.max_abs_err > 0  # really quantized
+
+
+def test_keep_float_names_are_checked(mnist_mod):
+    from tasks.layers import list_layers
+    from tasks.quantize import parse_keep_float
+
+    layers = list_layers(mnist_mod)
+    assert parse_keep_float("none", layers) == []
+    assert parse_keep_float(None, layers) is None
+    assert parse_keep_float("conv2d_1, matmul_0", layers) == ["conv2d_1", "matmul_0"]
+    with pytest.raises(TvmflowError, match=r"not layers of the model; its layers are conv2d_0, conv2d_1"):
+        parse_keep_float("conv2d_9", layers)
+
+
+def test_failing_gate_publishes_nothing_and_reports_per_layer_error(tmp_path, local_workers, prefect_harness):
+    """Unrepresentative calibration (blank images) with every layer quantized: the gate fails."""
+    from flows.compile import compile_flow
+
+    blank = tmp_path / "blank.npz"
+    np.savez(blank, x=np.zeros((4, 1, 1, 28, 28), "float32"))
+    store = tmp_path / "store"
+    with pytest.raises(TvmflowError) as err:
+        compile_flow(model="tasks.bundled:mnist_cnn", device="local", trials=0, store=str(store),
+                     data="bundled:mnist:60:2000", tracker=local_workers.tracker, precision="int8",
+                     measure_untuned=False,
+                     precision_options={"calibration": str(blank), "method": "max", "keep_float": "none"})
+    message = str(err.value)
+    assert "int8 validation failed" in message and "nothing published" in message and "\n" not in message
+    assert "--keep-float" in message
+    assert not (store / "builds").exists() or not any((store / "builds").rglob("LATEST"))
+    report_md = message.split("per-layer report in ")[1]
+    text = open(report_md).read()
+    assert "Per-layer error against fp32" in text
+    report = json.loads(open(report_md.replace("report.md", "report.json")).read())
+    rows = {r["layer"]: r for r in report["per_layer_error"]}
+    assert set(rows) == {"conv2d_0", "conv2d_1", "matmul_0", "matmul_1"}
+    assert rows["matmul_1"]["snr_db"] < 10  # the logits are garbage, and the table shows it
+    assert report["precision_info"]["kept_float"] == []
