@@ -105,7 +105,7 @@ def compile_flow(model: str = DEFAULT_MODEL, device: str = "local", trials: int 
                     untuned_lib, address, profile, servers, [dataset.sample(0)], [s.name for s in specs],
                     repeat=3).median_ms)
         hits = ["import"] if import_hit else []
-        tuned_hits = sum(1 for r in results if r.get("cached"))
+        tuned_hits = sum(1 for r in results if r.get("cached") or r.get("reused"))  # cache or shared db
         if tuned_hits:
             hits.append(f"tune ({tuned_hits}/{len(results)} tasks)")
         if build_hit:
@@ -126,10 +126,10 @@ def compile_flow(model: str = DEFAULT_MODEL, device: str = "local", trials: int 
         }
         if not validation.passed and lowered is not None:  # per-layer error: which layer to keep in float
             raise precision_gate_failure(report, source, specs_in, lowered, dataset)
-        if not validation.passed:
-            write_report_files(report, work_dir)
+        if not validation.passed:  # the run's work_dir is removed below: keep the report elsewhere
+            kept = write_report_files(report, cache.cache_root() / "failed-runs" / work_dir.name)
             raise TvmflowError(f"validation failed ({validation.reason}); nothing published; "
-                               f"report in {work_dir / 'report.md'}")
+                               f"report in {kept['report.md']}")
         files = {"model.so": lib, "database_workload.json": db_dir / "database_workload.json",
                  "database_tuning_record.json": db_dir / "database_tuning_record.json"}
         report["wall_seconds"] = round(time.monotonic() - started, 1)
