@@ -1,0 +1,14 @@
+"""Tiny model factories for flow tests (`tests.flow_models:NAME`), each with a real defect."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def train_mode_dropout():
+    """A classifier left in training mode: torch runs its dropout, TVM treats it as identity.
+
+    The outputs really differ, so validation must fail and nothing may be published."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10), nn.Dropout(0.5))
+    return model.train(), (torch.zeros(1, 1, 28, 28),)
