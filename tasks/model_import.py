@@ -1,5 +1,6 @@
-"""Import a trained model into Relax: ONNX files, torch .pt2 ExportedPrograms, and
-`package.module:callable` factories that return (nn.Module, example inputs).
+"""Import a trained model into Relax: ONNX files, torch .pt2 ExportedPrograms,
+`package.module:callable` factories that return (nn.Module, example inputs), and the formats of
+tasks/formats/ (Keras 3, MXNet Gluon exports, TFLite).
 
 The format is detected from the file's content, not its name.
 """
@@ -11,10 +12,11 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks import formats
 from tasks.errors import TvmflowError
 
 FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-SUPPORTED = "ONNX (.onnx), PyTorch ExportedProgram (.pt2), or a package.module:callable factory"
+SUPPORTED = formats.SUPPORTED
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,17 @@ def is_factory(spec: str) -> bool:
     return bool(FACTORY_RE.match(spec)) and not Path(spec).exists()
 
 
+def framework_of(fmt: str) -> str:
+    """The source framework of a detected format: what runs the validation reference."""
+    return formats.FRAMEWORK[fmt]
+
+
 def detect_format(path: Path) -> str:
-    """'onnx' or 'pt2', from the bytes; a one-line error for anything else."""
+    """'onnx', 'pt2', 'keras', 'mxnet' or 'tflite', from the bytes (a multi-file model is a
+    bundle directory, see tasks/formats); a one-line error for anything else."""
+    other = formats.detect(path)
+    if other:
+        return other
     head = path.read_bytes()[:8]
     if head.startswith(b"PK"):
         try:
@@ -55,12 +66,8 @@ def detect_format(path: Path) -> str:
                                "export the model again") from None
         if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names):
             return "pt2"
-        raise TvmflowError(f"{path.name} is a zip archive but not a torch.export .pt2; supported: {SUPPORTED}")
-    if head[4:8] == b"TFL3":
-        raise TvmflowError(f"{path.name} is a TFLite model, which this version cannot import yet; supported: {SUPPORTED}")
-    if head.startswith(b"\x89HDF"):
-        raise TvmflowError(f"{path.name} is an HDF5 (Keras .h5) file, which this version cannot import yet; "
-                           f"supported: {SUPPORTED}")
+        raise TvmflowError(f"{path.name} is a zip archive but neither a torch.export .pt2 nor a Keras "
+                           f".keras file; supported: {SUPPORTED}")
     import onnx
 
     try:
@@ -98,7 +105,28 @@ def export_factory(spec: str, dest: Path, input_override: list[InputSpec] | None
 class ImportedModel:
     mod: object  # tvm.IRModule, weights bound as constants
     inputs: list[InputSpec]
-    framework: str  # "onnx" | "torch"
+    framework: str  # "onnx" | "torch" | "keras" | "mxnet" | "tflite"
+
+
+def check_overrides(specs: list[InputSpec], overrides: list[InputSpec] | None) -> list[InputSpec]:
+    """Apply --input to a model's own input specs (-1 = dynamic dim): names must exist, shapes fit,
+    and every dim ends up static."""
+    given = {s.name: s for s in overrides or []}
+    unknown = sorted(set(given) - {s.name for s in specs})
+    if unknown:
+        raise TvmflowError(f"--input names {unknown} are not inputs of the model; its inputs are {[s.name for s in specs]}")
+    out = []
+    for spec in specs:
+        new = given.get(spec.name)
+        if new and (len(new.shape) != len(spec.shape) or any(d not in (-1, g) for d, g in zip(spec.shape, new.shape))):
+            raise TvmflowError(f"--input {new} does not fit input {spec.name!r} of shape "
+                               f"{tuple('?' if d < 0 else d for d in spec.shape)}; fix the shape")
+        spec = new or spec
+        if any(d <= 0 for d in spec.shape):
+            raise TvmflowError(f"input {spec.name!r} has a dynamic shape {spec.shape}; give a static one "
+                               f"with --input {spec.name}:1x...:{spec.dtype}")
+        out.append(spec)
+    return out
 
 
 def _onnx_inputs(model, overrides: dict[str, InputSpec]) -> list[InputSpec]:
@@ -185,12 +213,16 @@ def import_pt2(path: Path, overrides: list[InputSpec] | None = None) -> Imported
 
 def import_model(path: Path, overrides: list[InputSpec] | None = None) -> ImportedModel:
     fmt = detect_format(path)
+    if fmt in ("keras", "mxnet", "tflite"):
+        return formats.import_model(fmt, path, overrides)
     return import_onnx(path, overrides) if fmt == "onnx" else import_pt2(path, overrides)
 
 
 def model_name(spec: str) -> str:
-    """A readable model name: the factory's callable, or the file's stem."""
+    """A readable model name: the factory's callable, or the (first) file's stem."""
     if is_factory(spec):
         return spec.split(":")[1]
-    stem = Path(spec.rstrip("/").split("/")[-1]).stem
+    if "+" in spec and not Path(spec).exists():
+        spec = spec.split("+")[0]
+    stem = re.sub(r"-symbol$", "", Path(spec.rstrip("/").split("/")[-1]).stem)
     return re.sub(r"[^A-Za-z0-9_.-]", "_", stem) or "model"

@@ -21,11 +21,17 @@ def _median_ms(fn, warmup: int = 3, repeat: int = 20) -> float:
 
 
 class Reference:
-    """The model as its framework runs it (onnxruntime for ONNX, torch for PyTorch)."""
+    """The model as its framework runs it (onnxruntime for ONNX, torch for PyTorch; Keras, MXNet
+    and the LiteRT interpreter for the formats of tasks/formats)."""
 
     def __init__(self, path: Path, framework: str, input_names: list[str]):
         self.framework, self.input_names, self.path = framework, input_names, Path(path)
-        if framework == "onnx":
+        self._runner = None
+        if framework in ("keras", "mxnet", "tflite"):
+            from tasks.formats import reference_runner
+
+            self._runner = reference_runner(framework, self.path, input_names)
+        elif framework == "onnx":
             import onnxruntime as ort
 
             opts = ort.SessionOptions()
@@ -39,6 +45,8 @@ class Reference:
             raise TvmflowError(f"no reference runner for framework {framework!r}")
 
     def run(self, sample: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self._runner is not None:
+            return self._runner.run(sample)
         if self.framework == "onnx":
             return [np.asarray(o) for o in self._session.run(None, {n: sample[n] for n in self.input_names})]
         import torch
@@ -49,6 +57,8 @@ class Reference:
         return [o.detach().numpy() for o in outs]
 
     def latency_ms(self, sample: dict[str, np.ndarray]) -> float:
+        if hasattr(self._runner, "latency_ms"):  # timed inside the framework's own process
+            return self._runner.latency_ms(sample)
         return _median_ms(lambda: self.run(sample))
 
 
@@ -57,8 +67,16 @@ def onnxruntime_latency(onnx_path: Path, sample: dict[str, np.ndarray]) -> float
 
 
 def export_onnx_for_baseline(pt2_path: Path, out_path: Path) -> Path:
-    """ONNX of a torch program, so onnxruntime can be timed on the same input."""
+    """ONNX of a torch program (or of a Keras / MXNet model), so onnxruntime can be timed on the same input."""
     import torch
+
+    from tasks.model_import import detect_format, framework_of
+
+    fmt = detect_format(Path(pt2_path))
+    if fmt != "pt2":
+        from tasks.formats import export_onnx
+
+        return export_onnx(framework_of(fmt), Path(pt2_path), Path(out_path), [])
 
     program = torch.export.load(str(pt2_path))
     torch.onnx.export(program, (), str(out_path), dynamo=True, external_data=False, verbose=False)

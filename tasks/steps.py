@@ -40,14 +40,15 @@ def _logger():
 @dataclass
 class ModelSource:
     name: str
-    path: Path  # local .onnx or .pt2
+    path: Path  # local model file, or a multi-file model's bundle directory (tasks/formats)
     sha256: str
-    framework: str  # "onnx" | "torch"
+    framework: str  # "onnx" | "torch" | "keras" | "mxnet" | "tflite"
 
 
 def fetch_model(spec: str, inputs: list[InputSpec] | None = None) -> ModelSource:
     """A factory is exported to .pt2 first, so it is hashed by content like any file."""
-    from tasks.model_import import detect_format, model_name
+    from tasks.formats import fetch_model_files
+    from tasks.model_import import detect_format, framework_of, model_name
 
     downloads = cache.cache_root() / "models"
     if is_factory(spec):
@@ -55,9 +56,9 @@ def fetch_model(spec: str, inputs: list[InputSpec] | None = None) -> ModelSource
         path = export_factory(spec, tmp, inputs)
         digest = cache.sha256_file(path)
         return ModelSource(model_name(spec), path, digest, "torch")
-    fetched = fetch(spec, downloads)
+    fetched = fetch_model_files(spec, downloads)  # one file, or a multi-file model's bundle dir
     fmt = detect_format(fetched.path)
-    return ModelSource(model_name(spec), fetched.path, fetched.sha256, "onnx" if fmt == "onnx" else "torch")
+    return ModelSource(model_name(spec), fetched.path, fetched.sha256, framework_of(fmt))
 
 
 def import_and_prepare(source: ModelSource, device: DeviceProfile, inputs: list[InputSpec] | None = None):
