@@ -62,11 +62,11 @@ def test_keras_files_with_something_missing_get_one_line_errors(keras_models, tm
 def test_keras_json_plus_weights_through_the_flow(keras_models, local_workers, prefect_harness, tmp_path):
     from flows.compile import compile_flow
 
-    report = compile_flow(model=keras_models["json+legacy_h5"], device="local", trials=16,
+    report = compile_flow(model=keras_models["json+legacy_h5"], device="local", trials=0,
                           store=str(tmp_path / "store"), tracker=local_workers.tracker, measure_untuned=False)
     assert report["framework"] == "keras" and report["reference"]["framework"] == "keras"
     assert report["validation"]["passed"] is True
     assert report["inputs"] == ["image:1x32x32x3:float32"]
-    assert report["trials"] > 0 and report["model"] == "arch"
+    assert report["model"] == "arch"
     manifest = json.loads(Path(report["manifest_uri"].removeprefix("file://")).read_text())
     assert manifest["framework"] == "keras" and manifest["validation"]["passed"]

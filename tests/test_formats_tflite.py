@@ -69,11 +69,10 @@ def test_tflite_fp32_build_and_validate_on_device(tflite_files, local_workers, t
 def test_tflite_fp16_model_through_the_flow(tflite_files, local_workers, prefect_harness, tmp_path):
     from flows.compile import compile_flow
 
-    report = compile_flow(model=str(tflite_files["fp16"]), device="local", trials=16, store=str(tmp_path / "store"),
+    report = compile_flow(model=str(tflite_files["fp16"]), device="local", trials=0, store=str(tmp_path / "store"),
                           tracker=local_workers.tracker, measure_untuned=False)
     assert report["framework"] == "tflite" and report["reference"]["framework"] == "tflite"
     assert report["validation"]["passed"] is True
     assert report["inputs"] == [f"image:{'x'.join(map(str, TFLITE_INPUT))}:float32"]
-    assert report["trials"] > 0
     manifest = json.loads(Path(report["manifest_uri"].removeprefix("file://")).read_text())
     assert manifest["framework"] == "tflite" and manifest["validation"]["passed"]
