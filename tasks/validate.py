@@ -85,6 +85,18 @@ class Validation:
         return asdict(self)
 
 
+def _max_diff(got: np.ndarray, want: np.ndarray) -> float:
+    """Max |got - want|; inf where the build gives NaN/inf and the reference does not
+    (a plain np.max would be NaN, and max(err, NaN) silently keeps the old err)."""
+    if not got.size:
+        return 0.0
+    if np.any(~np.isfinite(got) & np.isfinite(want)):
+        return float("inf")
+    diff = np.abs(got - want)
+    diff = diff[np.isfinite(diff)]  # the same NaN/inf in both outputs agrees
+    return float(diff.max()) if diff.size else 0.0
+
+
 def compare(tvm_outputs: list, ref_outputs: list, precision: str = "fp32", labels=None) -> Validation:
     """Max abs/rel error over every output, and top-1 agreement where outputs are class scores."""
     thresholds = THRESHOLDS[precision]
@@ -96,7 +108,7 @@ def compare(tvm_outputs: list, ref_outputs: list, precision: str = "fp32", label
             g, w = np.asarray(g, dtype="float64"), np.asarray(w, dtype="float64")
             if g.shape != w.shape:
                 raise TvmflowError(f"output shape {g.shape} differs from the reference's {w.shape}")
-            diff = float(np.max(np.abs(g - w))) if g.size else 0.0
+            diff = _max_diff(g, w)
             max_abs = max(max_abs, diff)
             max_rel = max(max_rel, diff / max(float(np.max(np.abs(w))) if w.size else 0.0, 1e-12))
         first_got, first_want = np.asarray(got[0]), np.asarray(want[0])

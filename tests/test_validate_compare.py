@@ -74,3 +74,19 @@ def test_device_run_statistics():
     run = DeviceRun(outputs=[], latencies_ms=[1.0, 2.0, 3.0, 4.0, 100.0])
     assert run.median_ms == 3.0
     assert 4.0 < run.p90_ms <= 100.0
+
+
+def test_nan_or_inf_in_the_build_fails():
+    ref = _scores()
+    got = [[s[0].copy()] for s in ref]
+    got[5][0][0, 3] = np.nan
+    val = compare(got, ref)
+    assert not val.passed and val.max_rel_err == float("inf") and "max relative error" in val.reason
+    got[5][0][0, 3] = np.inf
+    assert not compare(got, ref).passed
+
+
+def test_nan_in_both_agrees():
+    ref = [[np.array([[1.0, np.nan, 3.0]], "float32")]]
+    val = compare([[ref[0][0].copy()]], ref)
+    assert val.passed and val.max_abs_err == 0.0
