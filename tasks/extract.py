@@ -60,18 +60,22 @@ def allocate_trials(tasks: list[TuningTask], total: int, per_iter: int = 16,
     if total <= 0 or total_flops <= 0:
         return tasks
     eligible = [t for t in tasks if t.weighted_flops / total_flops >= min_share]
-    rounds = max(total // per_iter, 1)
+    if total < per_iter:  # less than one round: all of it to the heaviest task, never more
+        if eligible:
+            eligible[0].trials = total
+        return tasks
+    rounds = total // per_iter
     eligible = eligible[:rounds]  # never fewer than one round per tuned task
     eligible_flops = sum(t.weighted_flops for t in eligible)
     for task in eligible:
         task.trials = per_iter * max(1, int(rounds * task.weighted_flops / eligible_flops))
     spent = sum(t.trials for t in eligible)
     i = 0
-    while spent + per_iter <= max(total, per_iter) and eligible:
+    while spent + per_iter <= total and eligible:
         eligible[i % len(eligible)].trials += per_iter
         spent += per_iter
         i += 1
-    while spent > max(total, per_iter):  # rounding pushed us over: take from the largest
+    while spent > total:  # rounding pushed us over: take from the largest
         largest = max(eligible, key=lambda t: t.trials)
         largest.trials -= per_iter
         spent -= per_iter

@@ -19,10 +19,16 @@ def test_budget_respected_in_whole_rounds(total, seed):
     tasks = _tasks([(rng.randint(1, 4), rng.choice([1e3, 1e5, 1e6, 5e6, 2e7, 1e8])) for _ in range(rng.randint(1, 12))])
     allocate_trials(tasks, total, per_iter=16)
     spent = sum(t.trials for t in tasks)
-    assert spent <= max(total, 16) if total > 0 else spent == 0
+    assert spent <= total
     assert all(t.trials % 16 == 0 and t.trials >= 0 for t in tasks)
     if total >= 16:
         assert spent > 0 and total - spent < 16, "a whole round of budget was left unused"
+
+
+def test_budget_under_one_round_is_not_exceeded():
+    tasks = _tasks([(1, 1e8), (1, 5e7)])
+    allocate_trials(tasks, 8, per_iter=16)
+    assert [t.trials for t in tasks] == [8, 0]
 
 
 def test_tiny_tasks_get_nothing_heavy_ones_more():
