@@ -67,18 +67,25 @@ def load_fleet(path: str | os.PathLike | None = None) -> dict[str, DeviceProfile
         raise TvmflowError(f"cannot read the fleet file {path}: {err}; it needs a top-level `devices:` map") from None
     known = {f for f in DeviceProfile.__dataclass_fields__ if f not in ("name", "extra")}
     fleet = {}
-    for name, spec in raw.items():
-        spec = dict(spec)
-        spec["target"] = _resolve_host_values(spec["target"])
-        if spec.get("precisions") == "host":  # detected from this CPU's flags (tasks.precision)
-            from tasks.precision import host_precisions
-
-            spec["precisions"] = host_precisions()
-        elif "precisions" in spec:
-            spec["precisions"] = tuple(spec["precisions"])
-        extra = {k: spec.pop(k) for k in list(spec) if k not in known}
-        fleet[name] = DeviceProfile(name=name, extra=extra, **spec)
+    try:
+        for name, spec in raw.items():
+            fleet[name] = _profile(name, dict(spec), known)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise TvmflowError(f"bad device entry in the fleet file {path} ({err.__class__.__name__}: {err}); "
+                           "each device needs at least `target` (a dict) and `rpc_key`") from None
     return fleet
+
+
+def _profile(name: str, spec: dict, known: set) -> DeviceProfile:
+    spec["target"] = _resolve_host_values(spec["target"])
+    if spec.get("precisions") == "host":  # detected from this CPU's flags (tasks.precision)
+        from tasks.precision import host_precisions
+
+        spec["precisions"] = host_precisions()
+    elif "precisions" in spec:
+        spec["precisions"] = tuple(spec["precisions"])
+    extra = {k: spec.pop(k) for k in list(spec) if k not in known}
+    return DeviceProfile(name=name, extra=extra, **spec)
 
 
 def get_device(name: str, path: str | os.PathLike | None = None) -> DeviceProfile:

@@ -48,6 +48,19 @@ def test_broken_fleet_file_is_one_line_error(tmp_path):
         load_fleet(tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize("entry", ["    rpc_key: b\n", "    target: llvm\n    rpc_key: b\n",
+                                   "    target: {kind: llvm}\n", "    target: {kind: llvm}\n    rpc_key: b\n    no_such: 1\n    local_workers: x\n"])
+def test_incomplete_device_entry_is_one_line_error(tmp_path, entry):
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("devices:\n  b:\n" + entry)
+    if "no_such" in entry:  # unknown keys are kept as extras; a bad value type is the user's to fix
+        assert get_device("b", fleet).extra == {"no_such": 1}
+        return
+    with pytest.raises(TvmflowError, match="bad device entry in the fleet file") as info:
+        load_fleet(fleet)
+    assert "\n" not in str(info.value)
+
+
 def test_missing_cross_compiler_is_one_line_error(tmp_path, monkeypatch):
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text("devices:\n  odd:\n    target: {kind: llvm, mtriple: aarch64-linux-gnu}\n"
