@@ -66,8 +66,8 @@ def detect_format(path: Path) -> str:
                                "export the model again") from None
         if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names):
             return "pt2"
-        raise TvmflowError(f"{path.name} is a zip archive but neither a torch.export .pt2 nor a Keras "
-                           f".keras file; supported: {SUPPORTED}")
+        raise TvmflowError(f"{path.name} is a zip archive but not a torch.export .pt2 (nor a Keras "
+                           f".keras file); supported: {SUPPORTED}")
     import onnx
 
     try:
