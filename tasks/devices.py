@@ -91,6 +91,11 @@ def _profile(name: str, spec: dict, known: set) -> DeviceProfile:
 def get_device(name: str, path: str | os.PathLike | None = None) -> DeviceProfile:
     fleet = load_fleet(path)
     if name not in fleet:
+        from tasks.gpu import derive_cuda_profile  # `cuda-sm_86`: the cuda profile with that arch
+
+        derived = derive_cuda_profile(name, fleet)
+        if derived is not None:
+            return derived
         raise TvmflowError(f"unknown device {name!r}; known devices: {', '.join(sorted(fleet))} "
                            "(add it to deployments/devices.yaml)")
     return fleet[name]
