@@ -97,8 +97,11 @@ def detect(path: Path) -> str | None:
 
 # ------------------------------------------------------------------ fetching multi-file models
 def is_multi_file(spec: str) -> bool:
+    """A directory, a -symbol.json, or parts joined by `+` (one of them a .json: a file name with
+    a `+` in it is still one file)."""
     local = Path(spec)
-    return local.is_dir() or spec.endswith("-symbol.json") or ("+" in spec and not local.exists())
+    joined = "+" in spec and not local.exists() and any(p.endswith(".json") for p in spec.split("+"))
+    return local.is_dir() or spec.endswith("-symbol.json") or joined
 
 
 def _epoch(name: str) -> int:
@@ -109,7 +112,7 @@ def _epoch(name: str) -> int:
 def _part_uris(spec: str) -> list[str]:
     if Path(spec).is_dir():
         return [str(p) for p in _dir_parts(Path(spec)).values()]
-    if "+" in spec and not Path(spec).exists():
+    if "+" in spec and not spec.endswith("-symbol.json"):
         return [p for p in spec.split("+") if p]
     import fsspec
 

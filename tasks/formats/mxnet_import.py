@@ -8,7 +8,6 @@ takes over) and serves the MXNet reference outputs. Without it, nothing else cha
 """
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import os
@@ -120,8 +119,7 @@ class MXNetRunner:
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                                           text=True, env=_env())
         self._lock = threading.Lock()
-        self._finalizer = weakref.finalize(self, _stop, self._proc, self._tmp)
-        atexit.register(self._finalizer)
+        self._finalizer = weakref.finalize(self, _stop, self._proc, self._tmp)  # also runs at exit
         hello = self._reply()
         if not hello.get("ready"):
             raise TvmflowError(f"the MXNet reference did not start: {hello.get('error', 'no reply')}")
