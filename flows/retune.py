@@ -21,8 +21,9 @@ def check_parameters(device, models, budget, store):
     return retune_logic.check_parameters(device, models, budget, store)
 
 
-@task(name="retune-model", cache_policy=NO_CACHE, task_run_name="retune-{entry.model}")
 def retune_model(entry, profile, workers, store, budget, dask_address, precision):
+    """Plain, not a task: the tuning subflow may ship its context to Dask, and a task's context
+    would carry `workers` (an open ExitStack), which does not pickle."""
     def fanout(plan, seed_db_dir, tracker, servers):
         return tune_fanout(plan, profile, tracker, servers, seed_db_dir=seed_db_dir, dask_address=dask_address)
 

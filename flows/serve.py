@@ -63,7 +63,8 @@ def serve(port: int = 4200, device: str = "local", servers: int = 2, deploy: boo
         return procs[-1]
 
     try:
-        server = spawn(_prefect("server", "start", "--host", "127.0.0.1", "--port", str(port)), base, "server")
+        server = spawn(_prefect("server", "start", "--host", "127.0.0.1", "--port", str(port)),
+                       {**base, "PREFECT_UI_API_URL": api}, "server")  # the UI's API, else :4200
         workers = start_local_workers(profile.rpc_key, servers, logs / "device-workers")
         _wait_healthy(api, server, logs / "server.log")
         env = {**base, "PREFECT_API_URL": api, "TVMFLOW_TRACKER": workers.tracker}

@@ -66,8 +66,10 @@ class Server:
                     TVMFLOW_CACHE=str(self.cache), TVMFLOW_HOME=str(self.home / "tvmflow-home"))
         self.env = {**base, "PREFECT_API_URL": self.api}
         self.procs: list[subprocess.Popen] = []
+        # the UI asks for the API at PREFECT_UI_API_URL (default port 4200, not --port)
         self.procs.append(_spawn([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                  "--port", str(self.port)], base, self.home / "server.log"))
+                                  "--port", str(self.port)], {**base, "PREFECT_UI_API_URL": self.api},
+                                 self.home / "server.log"))
         # device workers (tracker + 2 rpc servers, key `local`) boot while the server does;
         # runs get `tracker` so each does not pay their start again
         from tasks.workers import start_local_workers
