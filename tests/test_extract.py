@@ -39,6 +39,18 @@ def test_tiny_tasks_get_nothing_heavy_ones_more():
     assert heavy.trials + medium.trials == 320
 
 
+def test_small_but_real_kernels_get_a_round_when_the_budget_allows():
+    # ResNet-18's shape: 8 big 3x3 convs and three 1x1 downsample convs at 0.36 % of FLOPs each,
+    # whose default (untuned) kernels cost ~50 ms each; a reshape still gets nothing
+    big = _tasks([(2, 3.5e8)] * 8)
+    downsample = [TuningTask(f"ds{i}", 1, 1.3e7, "") for i in range(3)]
+    reshape = TuningTask("reshape", 1, 10.0, "")
+    allocate_trials([*big, *downsample, reshape], 320)
+    assert all(t.trials >= 16 for t in downsample)
+    assert reshape.trials == 0
+    assert sum(t.trials for t in [*big, *downsample]) == 320
+
+
 def test_weight_counts_as_much_as_flops():
     once, thrice = _tasks([(1, 3e7), (3, 1e7)])
     allocate_trials([once, thrice], 160)
