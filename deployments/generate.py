@@ -54,7 +54,8 @@ def deployments(fleet: dict) -> list[dict]:
             "tags": ["tvmflow", "retune", name],
             "parameters": {"device": name, "models": models, "budget": int(sched.get("budget", 64)),
                            "store": STORE, "dask_address": None, **remote},
-            "schedules": [{"cron": sched.get("retune", "0 2 * * *"), "timezone": "UTC", "active": True}],
+            # a device with no `models:` in the fleet file has nothing to retune: schedule off
+            "schedules": [{"cron": sched.get("retune", "0 2 * * *"), "timezone": "UTC", "active": bool(models)}],
             "work_pool": {"name": POOL, "work_queue_name": name},
         })
     return out

@@ -28,7 +28,9 @@ def test_prefect_yaml_matches_the_fleet():
         compile_, retune = names[f"compile-{device}"], names[f"retune-{device}"]
         assert compile_["entrypoint"] == "flows/compile.py:compile_flow"
         assert retune["entrypoint"] == "flows/retune.py:retune_flow"
-        assert retune["parameters"]["device"] == device and retune["parameters"]["models"]
+        assert retune["parameters"]["device"] == device
+        assert retune["parameters"]["models"] == list(profile.extra.get("models") or [])
+        assert retune["schedules"][0]["active"] == bool(profile.extra.get("models"))
         assert {"budget", "store"} <= set(retune["parameters"])
         assert {"model", "device", "trials", "store"} <= set(compile_["parameters"])
         assert retune["schedules"][0]["cron"].split()[2:] == ["*", "*", "*"]  # every night
