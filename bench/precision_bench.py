@@ -91,7 +91,21 @@ def _tune_and_build(prepared, target, trials: int, work_dir: Path):
     tune_s = time.time() - start
     with target:
         ex = ms.relax_integration.compile_relax(db, prepared, target, params=None)
-    return ex, tune_s
+    return ex, tune_s, db
+
+
+def _isa(ex, prepared, db) -> dict:
+    """Dot-product instructions in this build, and in the same schedules built for an AVX-512
+    VNNI CPU (cascadelake; assembly only, this host cannot run it)."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from tasks.int8_isa import assembly, instruction_counts
+
+    vnni = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
+    with vnni:
+        cross = ms.relax_integration.compile_relax(db, prepared, vnni, params=None)
+    return {"host": instruction_counts(assembly(ex)), "cascadelake": instruction_counts(assembly(cross))}
 
 
 def _tvm_latency(ex, sample: dict, names, repeat: int = 30):
@@ -183,14 +197,6 @@ def model_bench(name: str, trials: int, method: str) -> dict:
     ranges = calibrate(mod, photos, method)
     qmod, plan = quantize_model(mod, ranges, QuantConfig(method=method))
     row["int8_plan"] = {"quantized": len(plan.quantized), "kept_float": [k["name"] for k in plan.kept_float]}
-    for label, relax_mod in (("tvm_fp32", mod), ("tvm_int8", qmod)):
-        prepared = prepare_for_tuning(relax_mod, target)
-        ex, tune_s = _tune_and_build(prepared, target, trials, work / label)
-        latency, vm = _tvm_latency(ex, photos.sample(0), names)
-        top1 = [int(o.argmax()) for o in _tvm_outputs(vm, photos, names)]
-        row[label] = {"latency_ms": latency, "tuning_seconds": round(tune_s, 1), "top1": top1,
-                      "top1_agreement_vs_torch": float(np.mean(np.array(top1) == ref_top1))}
-        print(name, label, row[label], flush=True)
     onnx_fp32 = export_onnx_for_baseline(pt2, work / "fp32.onnx")
     onnx_int8 = _ort_int8(onnx_fp32, photos, names, work / "int8.onnx")
     for label, path in (("ort_fp32", onnx_fp32), ("ort_int8_qdq", onnx_int8)):
@@ -199,6 +205,17 @@ def model_bench(name: str, trials: int, method: str) -> dict:
         row[label] = {"latency_ms": latency, "top1": top1,
                       "top1_agreement_vs_torch": float(np.mean(np.array(top1) == ref_top1))}
         print(name, label, row[label], flush=True)
+        _save(name, {**row, "partial": True})  # a long TVM tuning below may not finish on a busy host
+    for label, relax_mod in (("tvm_fp32", mod), ("tvm_int8", qmod)):
+        prepared = prepare_for_tuning(relax_mod, target)
+        ex, tune_s, db = _tune_and_build(prepared, target, trials, work / label)
+        latency, vm = _tvm_latency(ex, photos.sample(0), names)
+        top1 = [int(o.argmax()) for o in _tvm_outputs(vm, photos, names)]
+        row[label] = {"latency_ms": latency, "tuning_seconds": round(tune_s, 1), "top1": top1,
+                      "top1_agreement_vs_torch": float(np.mean(np.array(top1) == ref_top1)),
+                      "isa": _isa(ex, prepared, db)}
+        print(name, label, row[label], flush=True)
+        _save(name, {**row, "partial": True})
     row["int8_speedup_vs_tvm_fp32"] = row["tvm_fp32"]["latency_ms"] / row["tvm_int8"]["latency_ms"]
     row["tvm_int8_vs_ort_int8"] = row["ort_int8_qdq"]["latency_ms"] / row["tvm_int8"]["latency_ms"]
     return row

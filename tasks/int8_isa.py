@@ -74,3 +74,22 @@ def register_avx2_intrin() -> str:
 
     TensorIntrin.register(AVX2_DOT_8x4_INTRIN, desc, impl)
     return AVX2_DOT_8x4_INTRIN
+
+
+def tensorize_space(intrin: str | None = None):
+    """A MetaSchedule space whose multi-level tiling tensorizes int8 reductions with `intrin`
+    (default dot_8x4_avx2), then RewriteTensorize swaps in the instruction sequence. Works on
+    workloads whose weights are packed [O/8, I/4, 8, 4] (see bench/int8_gemm_probe.py)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    intrin = intrin or register_avx2_intrin()
+    rules = [
+        ms.schedule_rule.MultiLevelTilingWithIntrin(
+            intrin, structure="SSRSRS", tile_binds=None, max_innermost_factor=64, vector_load_lens=None,
+            reuse_read=None, reuse_write=ms.schedule_rule.ReuseType(req="may", levels=[1, 2], scope="global")),
+        ms.schedule_rule.ParallelizeVectorizeUnroll(max_jobs_per_core=16, max_vectorize_extent=64,
+                                                    unroll_max_steps=[0, 16, 64, 512], unroll_explicit=True),
+    ]
+    postprocs = [ms.postproc.DisallowDynamicLoop(), ms.postproc.RewriteParallelVectorizeUnroll(),
+                 ms.postproc.RewriteReductionBlock(), ms.postproc.RewriteTensorize(vectorize_init_loop=True)]
+    return ms.space_generator.PostOrderApply(sch_rules=rules, postprocs=postprocs, mutator_probs={})

@@ -199,3 +199,18 @@ def test_avx2_dot_product_intrinsic_tensorizes_exactly():
     out = tvm.runtime.tensor(np.zeros((m, n), "int32"))
     lib(tvm.runtime.tensor(x), tvm.runtime.tensor(packed), out)
     assert np.array_equal(out.numpy(), x.astype("int64") @ w.astype("int64").T)
+
+
+def test_int8_build_passes_the_gate_and_is_published(tmp_path, local_workers, prefect_harness):
+    """The success path through the flow: calibrated int8, validated on the device on real
+    labelled digits, published with precision int8 in the manifest."""
+    from flows.compile import compile_flow
+
+    report = compile_flow(model="tasks.bundled:mnist_cnn", device="local", trials=0, store=str(tmp_path / "store"),
+                          data="bundled:mnist:100:3000", tracker=local_workers.tracker, precision="int8",
+                          measure_untuned=False, precision_options={"calibration": "bundled:mnist:100:0"})
+    assert report["validation"]["passed"] and report["validation"]["precision"] == "int8"
+    assert report["validation"]["top1_agreement"] >= 0.99
+    assert [q["name"] for q in report["precision_info"]["quantized"]] == ["conv2d_1", "matmul_0"]
+    manifest = json.loads(open(report["manifest_uri"].removeprefix("file://")).read())
+    assert manifest["precision"] == "int8" and manifest["validation"]["passed"]
