@@ -10,6 +10,17 @@ import sys
 from tasks.errors import TvmflowError
 
 
+def _store(uri: str) -> str:
+    """Keys embedded in an s3:// URI move to AWS_* for this process: no Prefect parameter, log,
+    report or block ever holds them."""
+    from tasks.store import split_credentials
+
+    clean, creds = split_credentials(uri)
+    if creds:
+        os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = creds["key"], creds["secret"]
+    return clean
+
+
 def _precision_options(args) -> dict | None:
     """--calibration & co. for tasks.precision_step.PrecisionOptions; warns (stderr) when the
     precision is slower than fp32 on the device (fleet file's `precisions`)."""
@@ -29,18 +40,22 @@ def _precision_options(args) -> dict | None:
 
 def _compile(args) -> int:
     from flows.compile import compile_flow
+    from tasks.results import with_store_results
 
-    report = compile_flow(model=args.model, device=args.device, trials=args.trials, store=args.store,
-                          inputs=args.input, data=args.data, tracker=args.tracker,
-                          precision=args.precision, measure_untuned=not args.no_untuned,
-                          precision_options=_precision_options(args),
-                          worker_timeout=args.worker_timeout, dask_address=args.dask)
+    args.store = _store(args.store)
+    report = with_store_results(compile_flow, args.store)(  # flow result persisted in the store
+        model=args.model, device=args.device, trials=args.trials, store=args.store,
+        inputs=args.input, data=args.data, tracker=args.tracker,
+        precision=args.precision, measure_untuned=not args.no_untuned,
+        precision_options=_precision_options(args),
+        worker_timeout=args.worker_timeout, dask_address=args.dask)
     summary = {
         "build_uri": report["build_uri"], "manifest_uri": report["manifest_uri"],
         "latency_ms": report["latency_ms"], "latency_p90_ms": report["latency_p90_ms"],
         "untuned_latency_ms": report["untuned_latency_ms"], "reference": report["reference"],
         "baselines": report["baselines"], "validation": report["validation"], "tasks": report["tasks"],
         "trials": report["trials"], "untuned_tasks": report["untuned_tasks"], "cache_hits": report["cache_hits"],
+        "tuning_reuse": report.get("tuning_reuse"),
     }
     val = report["validation"]
     lines = [
@@ -53,6 +68,10 @@ def _compile(args) -> int:
         f"Tuning:     {report['tasks']} tasks, {report['trials']} new trials, "
         f"{len(report['untuned_tasks'])} untuned; cache hits: {', '.join(report['cache_hits']) or 'none'}",
     ]
+    reuse = report.get("tuning_reuse")
+    if reuse:
+        lines.append(f"Shared db:  {reuse['reused']} tasks reused, {reuse['warm_started']} warm-started, "
+                     f"{reuse['fresh']} tuned fresh ({reuse['shards']} shards in {reuse['store']})")
     print("\n".join(lines), file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(summary, default=str))
@@ -93,6 +112,31 @@ def _serve(args) -> int:
     return serve(args.port, args.device, args.servers, not args.no_deploy)
 
 
+def _fetch(args) -> int:
+    from tasks.retrieve import fetch_build
+
+    got = fetch_build(_store(args.store), args.model, args.device, args.build, args.out)
+    print(f"{args.model}/{args.device}/{got.build_id} -> {got.path} ({len(got.files)} files, sha256 verified)")
+    return 0
+
+
+def _builds(args) -> int:
+    from tasks.retrieve import list_builds
+
+    rows = list_builds(_store(args.store), args.model, args.device)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'model':<20} {'device':<14} {'build':<24} {'published':<21} {'prec':<5} {'ms':>9}  validation")
+    for r in rows:
+        ms = f"{r['latency_ms']:.3f}" if isinstance(r["latency_ms"], (int, float)) else "-"
+        ok = "passed" if r["validation"].get("passed") else "FAILED"
+        print(f"{r['model']:<20} {r['device']:<14} {r['build_id'] + (' *' if r['latest'] else ''):<24} "
+              f"{r['published_at'] or '-':<21} {r['precision'] or '-':<5} {ms:>9}  {ok}")
+    print(f"{len(rows)} build(s); * = LATEST" if rows else "no builds")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="tvmflow", description=__doc__)
     root.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -121,6 +165,19 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--dask", default=None, metavar="HOST:PORT", help="run the tuning fan-out on this Dask scheduler")
     comp.add_argument("--json", action="store_true", help="print one JSON summary as the last stdout line")
     comp.set_defaults(func=_compile)
+    fetch = sub.add_parser("fetch", help="download a build, every file verified against its manifest")
+    fetch.add_argument("model")
+    fetch.add_argument("--device", required=True)
+    fetch.add_argument("--build", default="latest", help="build id, or latest")
+    fetch.add_argument("--store", default="./artifacts", help="fsspec URI of the object store")
+    fetch.add_argument("--out", required=True, help="new or empty folder to put the build in")
+    fetch.set_defaults(func=_fetch)
+    builds = sub.add_parser("builds", help="list published builds: date, precision, latency, validation")
+    builds.add_argument("model", nargs="?")
+    builds.add_argument("--device", default=None)
+    builds.add_argument("--store", default="./artifacts", help="fsspec URI of the object store")
+    builds.add_argument("--json", action="store_true", help="print the list as JSON")
+    builds.set_defaults(func=_builds)
     work = sub.add_parser("workers", help="start/stop local device workers (tracker + rpc servers)")
     work.add_argument("action", choices=["start", "status", "stop"])
     work.add_argument("--device", default="local")

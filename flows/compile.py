@@ -13,7 +13,7 @@ from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks import cache, steps
+from tasks import cache, steps, tuning_store
 from tasks.bundled import DEFAULT_DATA, DEFAULT_MODEL
 from tasks.datasets import load_dataset
 from tasks.devices import get_device
@@ -23,6 +23,7 @@ from tasks.precision import check_precision
 from tasks.precision import precision_warning as slow_precision_warning
 from tasks.precision_step import PrecisionOptions, precision_gate_failure, precision_task
 from tasks.publish import build_prefix, new_build_id, publish_build, safe_segment, uri_of
+from tasks.store import check_store
 from tasks.reference import Reference, export_onnx_for_baseline, onnxruntime_latency
 from tasks.report import publish_artifacts, write_report_files
 from tasks.validate import compare, run_on_device
@@ -71,6 +72,7 @@ def compile_flow(model: str = DEFAULT_MODEL, device: str = "local", trials: int 
     logger = steps._logger()
     profile = get_device(device)
     safe_segment(device, "device")
+    check_store(store)  # a wrong bucket or key fails now, not after hours of tuning
     precision_warning = check_precision(precision) and slow_precision_warning(profile, precision)
     if precision_warning:
         logger.warning(precision_warning)
@@ -91,9 +93,12 @@ def compile_flow(model: str = DEFAULT_MODEL, device: str = "local", trials: int 
     try:
         with device_workers(profile, tracker, worker_timeout) as (address, servers):
             tune_start = time.monotonic()
-            results = tune_fanout(plan, profile, address, servers, dask_address=dask_address)
+            reuse = tuning_store.prepare_task(store, profile, plan, work_dir)  # shared per-device db
+            results = reuse.results(tune_fanout(reuse.to_tune, profile, address, servers, seed_db_dir=reuse.seed_db_dir,
+                                                dask_address=dask_address), plan)
             tuning_seconds = time.monotonic() - tune_start
             db_dir, records = steps.merge_task(results, work_dir / "database")
+            shard = tuning_store.push_run_task(store, profile, reuse, results, work_dir, source.name)
             lib, build_hit = steps.build_task(prepared, prep_key, profile, db_dir)
             run, validation, framework_ms = validate_on_device(lib, source, specs, dataset, address, profile,
                                                                precision, servers)
@@ -122,6 +127,7 @@ def compile_flow(model: str = DEFAULT_MODEL, device: str = "local", trials: int 
             "baselines": _baselines(source, dataset.sample(0), framework_ms, work_dir),
             "validation": validation.to_json(), "cache_hits": hits,
             "tuning_seconds": round(tuning_seconds, 1),
+            "tuning_reuse": {**reuse.summary(), "shard": shard},
             "precision_info": lowered.info if lowered else None, "precision_warning": precision_warning,
         }
         if not validation.passed and lowered is not None:  # per-layer error: which layer to keep in float

@@ -14,7 +14,7 @@ def _fmt(value, digits: int = 3) -> str:
 def tuning_rows(tune_results: list[dict]) -> list[dict]:
     return [{"task": r["name"], "trials": r["trials_run"], "valid": r["valid"],
              "best_ms": _fmt(r["best_ms"], 4), "cached": r.get("cached", False),
-             "status": "tuned" if not r["error"] else f"untuned: {r['error']}"} for r in tune_results]
+             "status": "reused (shared db)" if r.get("reused") else "tuned" if not r["error"] else f"untuned: {r['error']}"} for r in tune_results]
 
 
 def latency_rows(report: dict) -> list[dict]:
@@ -38,6 +38,8 @@ def markdown(report: dict) -> str:
              + (f": {val['reason']}" if val.get("reason") else ""),
              f"- tuning: {report['tasks']} tasks, {report['trials']} trials run, "
              f"{report['tuning_seconds']:.0f} s; cache hits: {', '.join(report['cache_hits']) or 'none'}", "",
+             *([f"- shared tuning database: {r['reused']} tasks reused, {r['warm_started']} warm-started, "
+                f"{r['fresh']} tuned fresh ({r['shards']} shards)", ""] if (r := report.get("tuning_reuse")) else []),
              "## Latency (batch as compiled, median over repeats)", "", "| path | median ms | p90 ms |", "|---|---|---|"]
     lines += [f"| {r['path']} | {r['median_ms']} | {r['p90_ms']} |" for r in latency_rows(report)]
     lines += ["", "## Tuning tasks", "", "| task | trials | valid | best ms | status |", "|---|---|---|---|---|"]
