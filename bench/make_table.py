@@ -54,7 +54,9 @@ def render(results: list[dict]) -> str:
 
 
 def load(folder: Path = HERE / "results") -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    """compile_bench results only: other benches (precision, GPU) share the folder."""
+    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    return [r for r in results if isinstance(r, dict) and {"model", "trials_budget", "tvm_tuned"} <= r.keys()]
 
 
 def update_readme(table: str, readme: Path = HERE / "README.md") -> None:
