@@ -58,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--cache", default="/root/gpucache", help="exported/imported models, kept while the machine is warm")
     p.add_argument("--budget", type=int, default=256, help="trials per model and batch (over its tasks)")
     p.add_argument("--per-task", type=int, default=0, help="give every task that matters this many trials instead")
+    p.add_argument("--no-apply-check", action="store_true", help="tune even if the build would ignore the records")
     p.add_argument("--tune-minutes", type=float, default=8.0, help="stop starting tasks after this")
     p.add_argument("--tune-models", default="resnet18,efficientnet_lite0", help="models whose fp16 tasks get tuned")
     p.add_argument("--cuda-graph", action="store_true", help="also time the tuned fp16 build with CUDA graphs")
@@ -105,7 +106,7 @@ def seed(db: Path, seed_db: Path) -> None:
     db.mkdir(parents=True, exist_ok=True)
     for name in (*DB_FILES, "tune_state.json"):
         if (seed_db / name).exists():
-            shutil.copy(seed_db / name, db / name)
+            shutil.copyfile(seed_db / name, db / name)  # carried files arrive read-only
     log(f"seeded {db} from {seed_db} ({len(open_db(db).get_all_tuning_records())} records)")
 
 
@@ -159,10 +160,33 @@ def merged_db(dbs: list, dest: Path) -> Path:
     return dest
 
 
+def records_apply(name: str, batch: int, task, target, cache: Path) -> bool:
+    """Guard before spending device minutes: the build's MetaScheduleApplyDatabase must find a
+    record of a tuned workload among the build's kernels (it silently ignores records whose
+    workload matches no kernel, which is what one fusion round too few did)."""
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    mod = tvm.ir.load_json(task.mod_json)
+    db = ms.database.MemoryDatabase()
+    db.commit_tuning_record(ms.database.TuningRecord(
+        tvm.s_tir.Schedule(mod).trace, db.commit_workload(mod), [1e-6], target,
+        ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+    with target, db:
+        applied = relax.transform.MetaScheduleApplyDatabase()(prepared(name, batch, "fp16", target, cache))
+    return any(isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "tirx.is_scheduled" in f.attrs
+               for _, f in applied.functions_items())
+
+
 def run_tune(args, target, cache: Path, out: Path) -> list:
     deadline = T0 + 60 * args.tune_minutes
     db = Path(args.db)
     queue = tune_queue(args, target, cache)
+    if queue and not args.no_apply_check:
+        name, batch = queue[0].name.split("/")[0].rsplit("_b", 1)
+        if not records_apply(name, int(batch), queue[0], target, cache):
+            raise SystemExit("tuned records would not reach the build (workloads match no kernel): not tuning")
+        log("check: the build applies records of the tuned workloads")
     done = []
     for task in queue:
         try:

@@ -100,6 +100,7 @@ def prepare_gpu(mod, target):
     no kernel of the build and every record is silently ignored (measured: tuned == untuned).
     Extracting from the fixpoint makes the tuned workloads the build's kernels."""
     import tvm
+    from tvm_ffi.structural import structural_equal
 
     from tasks.extract import prepare_for_tuning
 
@@ -108,7 +109,7 @@ def prepare_gpu(mod, target):
     for _ in range(4):
         with target:
             fused = tvm.transform.Sequential(fuse_passes(target))(mod)
-        if tvm.ir.structural_equal(fused, mod):
+        if structural_equal(fused, mod):
             break
         mod = fused
     return mod
