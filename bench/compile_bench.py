@@ -245,6 +245,10 @@ def breakdown(profile_us: dict, kernel_tasks: dict, plan, results: list[dict]) -
 
 
 def main(argv=None) -> dict:
+    import signal
+
+    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop the tracker and rpc servers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args = parse_args(argv)
     threads = [int(t) for t in args.threads.split(",") if t]
     cache_dir = Path(args.cache or tempfile.mkdtemp(prefix="tvmflow-bench-"))
