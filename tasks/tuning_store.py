@@ -234,6 +234,7 @@ def push_shard(store: str, device: DeviceProfile, db_dirs: list[str | Path], wor
             "tvm_version": tvm_version(), "device": device.name, "target": device.target_key(),
             "workloads": workloads, **(extra or {})}
     try:
+        fs.makedirs(shard, exist_ok=True)  # a local store has no folders yet (S3 ignores this)
         for name in DB_FILES:
             fs.put_file(str(local / name), join(shard, name))
         write_atomic(fs, join(shard, META), json.dumps(meta, indent=1, sort_keys=True).encode())
