@@ -140,7 +140,7 @@ def test_prefect_flows_persist_results_in_the_store(s3, prefect_harness, tiny_li
     assert got["build_id"] == build["build_id"] and (tmp_path / "flow-out" / "model.so").exists()
     block = RemoteFileSystem.load(results_block_name(store))
     assert block.basepath == f"{store}/prefect-results" and s3.secret_key not in json.dumps(block.settings)
-    from prefect.results import ResultRecord
+    from prefect.serializers import PickleSerializer
 
-    stored = [ResultRecord.deserialize(s3.fs().cat(p)).result for p in s3.fs().find(f"{store[5:]}/prefect-results")]
+    stored = [PickleSerializer().loads(s3.fs().cat(p)) for p in s3.fs().find(f"{store[5:]}/prefect-results")]
     assert rows in stored and got in stored  # each flow run's result, readable from the store
