@@ -131,7 +131,7 @@ class ReusePlan:
     """What to do with each task of a model, given the shared database."""
 
     to_tune: list[TuningTask]
-    reused: dict[str, dict]  # task name -> a finished result built from shared records
+    reused: dict[str, dict]  # task name -> a finished result (shared records, or untuned: 0 trials)
     decisions: dict[str, str]  # task name -> reused | warm | fresh | untuned
     keys: dict[str, str]  # task name -> workload key
     prior: dict[str, int]  # task name -> trials already paid for its workload
@@ -191,10 +191,15 @@ def plan_reuse(plan: list[TuningTask], shared: SharedTuning, work_dir: str | Pat
                 "reused": True, "trials_prior": paid}
             reuse.decisions[task.name] = "reused"
             continue
-        reuse.to_tune.append(task)
-        if task.trials <= 0:
+        if task.trials <= 0:  # nothing to search: settled here, not shipped to the tuning fan-out
+            from tasks.tune import TuneResult
+
+            reuse.reused[task.name] = TuneResult(task.name, 0, error="not tuned: no trials allotted "
+                                                 "(too few FLOPs to matter)", curve=[]).to_json()
             reuse.decisions[task.name] = "untuned"
-        elif records:
+            continue
+        reuse.to_tune.append(task)
+        if records:
             reuse.decisions[task.name] = "warm"
             seeds.extend(records)
         else:

@@ -83,10 +83,13 @@ def test_reuse_warm_start_or_fresh_by_recorded_trials(s3, tmp_path, mnist_tasks)
     tuning_store.push_shard(store, device, [_db(tmp_path / "a", [(first, 1e-3), (second, 2e-3)])],
                             {**_index([(first, 0)], 64), **_index([(second, 0)], 16)}, tmp_path / "w")
     shared = tuning_store.load_shared(store, device, tmp_path / "merged")
-    plan = [replace(first[0], trials=32), replace(second[0], trials=32), replace(third[0], trials=16)]
+    plan = [replace(first[0], trials=32), replace(second[0], trials=32), replace(third[0], trials=16),
+            replace(third[0], name="no_trials", trials=0)]
     reuse = tuning_store.plan_reuse(plan, shared, tmp_path / "plan")
-    assert reuse.decisions == {first[0].name: "reused", second[0].name: "warm", third[0].name: "fresh"}
-    assert [t.name for t in reuse.to_tune] == [second[0].name, third[0].name]
+    assert reuse.decisions == {first[0].name: "reused", second[0].name: "warm", third[0].name: "fresh",
+                               "no_trials": "untuned"}
+    assert [t.name for t in reuse.to_tune] == [second[0].name, third[0].name]  # only what needs searching
+    assert reuse.reused["no_trials"]["trials_run"] == 0 and reuse.reused["no_trials"]["error"]
     assert reuse.summary()["reused"] == 1 and reuse.summary()["warm_started"] == 1
     done = reuse.reused[first[0].name]
     assert done["trials_run"] == 0 and done["best_ms"] == pytest.approx(1.0)
