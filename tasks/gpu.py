@@ -20,6 +20,8 @@ import re
 import time
 from pathlib import Path
 
+from tasks.extract import fuse_passes
+
 # What MetaSchedule's CUDA rules read off the target (it refuses to tune without them). 48 KiB is
 # the shared memory a block gets without opting in; every arch from sm_70 on has the rest.
 CUDA_LIMITS = {"max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
@@ -82,37 +84,11 @@ def apply_dlight(mod, target):
     return mod
 
 
-def fuse_passes(target) -> list:
-    """Legalize and fuse: what the final build runs before applying schedules."""
-    from tvm import relax
-    from tvm.relax import pipeline as rp
-
-    return [*rp.library_dispatch_passes(target), relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-            relax.transform.FuseOps(), relax.transform.FuseTIR()]
-
-
 def prepare_gpu(mod, target):
-    """tasks.extract.prepare_for_tuning, then fused again until nothing changes.
-
-    One fusion round leaves conv+BN and the following add/relu as separate kernels, and the
-    build's own fusion round merges them ("fused_fused_conv2d..."): the tuned workloads then match
-    no kernel of the build and every record is silently ignored (measured: tuned == untuned).
-    Extracting from the fixpoint makes the tuned workloads the build's kernels."""
-    import tvm
-    from tvm_ffi.structural import structural_equal
-
+    """tasks.extract.prepare_for_tuning: fused to the fixpoint, so tuned workloads are the build's kernels."""
     from tasks.extract import prepare_for_tuning
 
-    target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
-    mod = prepare_for_tuning(mod, target)
-    for _ in range(4):
-        with target:
-            fused = tvm.transform.Sequential(fuse_passes(target))(mod)
-        if structural_equal(fused, mod):
-            break
-        mod = fused
-    return mod
+    return prepare_for_tuning(mod, target)
 
 
 def build_context(cuda_graph: bool = False):
@@ -144,7 +120,7 @@ def compile_gpu(prepared_mod, target, database=None, cuda_graph: bool = False):
 
     @tvm.transform.module_pass(opt_level=3)
     def pipeline(mod, _ctx):
-        mod = tvm.transform.Sequential(fuse_passes(target))(mod)  # a no-op after prepare_gpu
+        mod = tvm.transform.Sequential(fuse_passes(target))(mod)  # a no-op after prepare_for_tuning
         mod = relax.transform.MetaScheduleApplyDatabase()(mod)
         mod = apply_dlight(mod, target)
         return tvm.transform.Sequential(_backend_passes(target, "dataflow_lower_passes")

@@ -65,7 +65,9 @@ def import_and_prepare(source: ModelSource, device: DeviceProfile, inputs: list[
     """(prepared IRModule, input specs, cache key, cache hit?) for this model and target."""
     import tvm
 
-    key = cache.content_key("import", source.sha256, [str(s) for s in inputs or []], device.target_key())
+    # "fixpoint-fusion": modules prepared before the fusion fix must not be reused
+    key = cache.content_key("import", "fixpoint-fusion", source.sha256, [str(s) for s in inputs or []],
+                            device.target_key())
     hit = cache.lookup("import", key)
     if hit:
         specs = [InputSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in json.loads((hit / "inputs.json").read_text())]
