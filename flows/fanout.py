@@ -1,13 +1,13 @@
-"""The tuning fan-out as a subflow, so its task runner can be picked per run.
+"""The tuning fan-out, with its task runner picked per run.
 
-Default: a thread pool of one (measurements share the device workers anyway). With
+Default: the flow's own runner (a thread pool of one: measurements share the device workers). With
 `dask_address`, the tune tasks run on that Dask cluster through prefect-dask's DaskTaskRunner;
 builds of candidates happen on the Dask workers, measurements still go through the RPC tracker
 and the device's global concurrency limit. Databases travel as text (tasks.portable).
 """
 from __future__ import annotations
 
-from prefect import flow, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -35,10 +35,7 @@ def _runner(dask_address: str | None):
     return DaskTaskRunner(address=address)
 
 
-@flow(name="tvmflow-tune-fanout", log_prints=True)
-def _fanout(plan: list[TuningTask], device: DeviceProfile, tracker, servers: int, seed: dict | None) -> list[dict]:
-    futures = [tune_portable.submit(t, device, tracker, servers, f"[{i + 1}/{len(plan)}]", seed)
-               for i, t in enumerate(plan)]
+def _collect(futures) -> list[dict]:
     results = []
     for future in futures:
         result = future.result()
@@ -49,9 +46,18 @@ def _fanout(plan: list[TuningTask], device: DeviceProfile, tracker, servers: int
 
 def tune_fanout(plan: list[TuningTask], device: DeviceProfile, tracker, servers: int,
                 seed_db_dir: str | None = None, dask_address: str | None = None) -> list[dict]:
-    """Tune every task of `plan` (warm-started from `seed_db_dir`); one result dict per task."""
+    """Tune every task of `plan` (warm-started from `seed_db_dir`); one result dict per task.
+
+    Tasks run in the calling flow run (no subflow: a subflow's parameters are stored by the API,
+    and a plan of big task modules plus a seed database passes its 512 KB limit). Without Dask they
+    use the flow's own task runner; with Dask, a DaskTaskRunner opened here for the fan-out.
+    """
     if not plan:
         return []
-    sub = _fanout.with_options(task_runner=_runner(dask_address),
-                               flow_run_name=f"tune-{device.name}" + ("-dask" if dask_address else ""))
-    return sub(plan, device, list(tracker), servers, pack_db(seed_db_dir))
+    seed = pack_db(seed_db_dir)
+    calls = [{"task_": t, "device": device, "tracker": list(tracker), "servers": servers,
+              "label": f"[{i + 1}/{len(plan)}]", "seed": seed} for i, t in enumerate(plan)]
+    if not dask_address:
+        return _collect([tune_portable.submit(**c) for c in calls])
+    with _runner(dask_address) as runner:
+        return _collect([runner.submit(tune_portable, c) for c in calls])

@@ -47,21 +47,21 @@ def _latest(srv) -> str:
     return (srv.store / "builds" / "mnist_cnn" / "local" / "LATEST").read_text().strip()
 
 
-def _fanout_runs(srv) -> int:
-    return len(srv.post("/flow_runs/filter", {"flows": {"name": {"any_": ["tvmflow-tune-fanout"]}}}))
+def _task_names(srv, run_id: str) -> list[str]:
+    return [t["name"] for t in srv.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})]
 
 
 def test_unchanged_fleet_with_no_extra_budget_tunes_nothing_and_publishes_nothing():
     srv, compiled = prefect_env.compile_run()
     assert compiled["state"]["type"] == "COMPLETED"
-    before, builds, fanouts = _latest(srv), sorted((srv.store / "builds" / "mnist_cnn" / "local").iterdir()), _fanout_runs(srv)
+    before, builds = _latest(srv), sorted((srv.store / "builds" / "mnist_cnn" / "local").iterdir())
     run, rows = _retune(srv, budget=0)
     assert run["state"]["type"] == "COMPLETED", run["state"]
     assert rows == [{"model": "tasks.bundled:mnist_cnn", "device": "local", "status": "kept", "new_ms": "–",
                      "latest_ms": "–", "trials": 0, "budget": 0, "build": before,
                      "reason": f"no extra budget: nothing tuned; LATEST {before} is current"}]
     assert _latest(srv) == before and sorted((srv.store / "builds" / "mnist_cnn" / "local").iterdir()) == builds
-    assert _fanout_runs(srv) == fanouts  # no tuning fan-out ran
+    assert not [n for n in _task_names(srv, run["id"]) if n.startswith("tune-")]  # no tuning task ran
 
 
 def test_incremental_retune_tunes_on_a_dask_cluster(monkeypatch, tvmflow_cache):
@@ -80,6 +80,7 @@ def test_incremental_retune_tunes_on_a_dask_cluster(monkeypatch, tvmflow_cache):
             lambda dask_scheduler: sum(1 for t in dask_scheduler.transition_log if t[2] == "memory"))
     assert run["state"]["type"] == "COMPLETED", (run["state"], (srv.home / "worker.log").read_text()[-4000:])
     assert ran_on_dask >= 1
+    assert [n for n in _task_names(srv, run["id"]) if n.startswith("tune-")]  # tuned in this run, on Dask
     [row] = rows
     assert row["trials"] == 16 and row["budget"] == 16 and row["new_ms"] != "–" and row["latest_ms"] != "–"
     if row["status"] == "published":
