@@ -27,7 +27,7 @@ from tasks.devices import DeviceProfile
 from tasks.extract import TuningTask
 from tasks.pick_best import DB_FILES, has_db, merge_databases, open_db
 from tasks.publish import join, safe_segment, store_fs, uri_of
-from tasks.store import store_error, write_atomic
+from tasks.store import is_local, store_error, write_atomic
 
 log = logging.getLogger("tvmflow.tuning_store")
 META = "meta.json"
@@ -239,7 +239,8 @@ def push_shard(store: str, device: DeviceProfile, db_dirs: list[str | Path], wor
             "tvm_version": tvm_version(), "device": device.name, "target": device.target_key(),
             "workloads": workloads, **(extra or {})}
     try:
-        fs.makedirs(shard, exist_ok=True)  # a local store has no folders yet (S3 ignores this)
+        if is_local(fs):
+            fs.makedirs(shard, exist_ok=True)  # a local store has no folders yet (s3fs's would create a bucket)
         for name in DB_FILES:
             fs.put_file(str(local / name), join(shard, name))
         write_atomic(fs, join(shard, META), json.dumps(meta, indent=1, sort_keys=True).encode())
