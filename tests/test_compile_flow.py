@@ -175,7 +175,7 @@ def test_failed_validation_publishes_nothing(tmp_path, local_workers, prefect_ha
     assert report.exists() and "FAILED" in report.read_text()
 
 
-def test_failing_task_is_reported_and_build_still_publishes(tmp_path, first_run, shared_cache, local_workers,
+def test_failing_task_is_reported_and_build_still_publishes(tmp_path, first_run, local_workers,
                                                            prefect_harness, monkeypatch):
     """One task's candidates all fail to build on the 'device' (its cross compiler is /bin/false):
     the task is reported by name, the others are used, and the build is published."""
@@ -190,7 +190,7 @@ def test_failing_task_is_reported_and_build_still_publishes(tmp_path, first_run,
                     *a, **kw)
 
     monkeypatch.setattr(tasks.tune, "tune_task", tune_with_broken_toolchain)
-    store = tmp_path / "store"  # a fresh store: nothing reused from the shared tuning database
+    store = tmp_path / "store"  # fresh store and step cache: the victim's earlier search is not reused
     report = compile_flow(model=MODEL, data=DATA, trials=32, store=str(store), tracker=local_workers.tracker,
                           measure_untuned=False)
     failed = next(r for r in report["tuning"] if r["name"] == victim)
