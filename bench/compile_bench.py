@@ -142,18 +142,10 @@ def time_onnxruntime(onnx_path: Path, sample: dict, threads: list[int], repeat: 
 
 
 def start_workers(key: str, servers: int, threads: int, log_dir: Path):
-    """A tracker + rpc servers whose TVM runtime uses `threads` threads (inherited env)."""
+    """A tracker + rpc servers whose TVM runtime uses `threads` threads."""
     from tasks.workers import start_local_workers
 
-    saved = os.environ.get("TVM_NUM_THREADS")
-    os.environ["TVM_NUM_THREADS"] = str(threads)
-    try:
-        return start_local_workers(key, servers, log_dir / f"workers-{threads}t")
-    finally:
-        if saved is None:
-            os.environ.pop("TVM_NUM_THREADS", None)
-        else:
-            os.environ["TVM_NUM_THREADS"] = saved
+    return start_local_workers(key, servers, log_dir / f"workers-{threads}t", threads=threads)
 
 
 def task_hashes(plan) -> dict:

@@ -86,7 +86,8 @@ def _workers(args) -> int:
         if workers.load_state():
             raise TvmflowError("workers are already running (see `tvmflow workers status`); stop them first")
         profile = get_device(args.device)
-        started = workers.start_local_workers(profile.rpc_key, args.servers)
+        started = workers.start_local_workers(profile.rpc_key, args.servers,
+                                              threads=profile.target.get("num-cores"))
         workers.save_state(started)
         print(f"tracker {started.tracker} with {args.servers} rpc server(s), key {profile.rpc_key!r}; "
               f"use --tracker {started.tracker}")

@@ -65,7 +65,8 @@ def serve(port: int = 4200, device: str = "local", servers: int = 2, deploy: boo
     try:
         server = spawn(_prefect("server", "start", "--host", "127.0.0.1", "--port", str(port)),
                        {**base, "PREFECT_UI_API_URL": api}, "server")  # the UI's API, else :4200
-        workers = start_local_workers(profile.rpc_key, servers, logs / "device-workers")
+        workers = start_local_workers(profile.rpc_key, servers, logs / "device-workers",
+                                      threads=profile.target.get("num-cores"))
         _wait_healthy(api, server, logs / "server.log")
         env = {**base, "PREFECT_API_URL": api, "TVMFLOW_TRACKER": workers.tracker}
         if deploy:

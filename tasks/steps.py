@@ -163,7 +163,8 @@ def device_workers(device: DeviceProfile, tracker: str | None, worker_timeout: f
     if device.local_workers <= 0:
         raise TvmflowError(f"device {device.name!r} has no local workers: pass --tracker host:port of a tracker "
                            f"where its rpc servers (key {device.rpc_key!r}) are registered")
-    workers = start_local_workers(device.rpc_key, device.local_workers, cache.cache_root() / "logs")
+    workers = start_local_workers(device.rpc_key, device.local_workers, cache.cache_root() / "logs",
+                                  threads=device.target.get("num-cores"))
     try:
         yield (workers.host, workers.tracker_port), device.local_workers
     finally:

@@ -71,12 +71,12 @@ def wait_for_servers(host: str, port: int, key: str, count: int = 1, timeout: fl
         time.sleep(0.5)
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+def _spawn(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         return subprocess.Popen(
             [sys.executable, *args], stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **(env or {})},
         )
 
 
@@ -98,6 +98,7 @@ class LocalWorkers:
     server_pids: list[int] = field(default_factory=list)
     host: str = "127.0.0.1"
     log_dir: str = ""
+    threads: int | None = None  # TVM_NUM_THREADS of the servers; TVM's own default is half the CPUs
 
     @property
     def tracker(self) -> str:
@@ -108,6 +109,7 @@ class LocalWorkers:
             ["-m", "tvm.exec.rpc_server", "--host", self.host, "--port", str(free_port()),
              "--port-end", "65000", "--tracker", self.tracker, "--key", self.key],
             Path(self.log_dir) / f"rpc_server_{len(self.server_pids)}.log",
+            {"TVM_NUM_THREADS": str(self.threads)} if self.threads else None,
         )
         self.server_pids.append(proc.pid)
         return proc.pid
@@ -143,13 +145,17 @@ def _alive(pid: int) -> bool:
 
 
 def start_local_workers(key: str, servers: int = 2, log_dir: str | os.PathLike | None = None,
-                        timeout: float = 60.0) -> LocalWorkers:
-    """Start a tracker and `servers` rpc servers registered under `key`; wait until all are free."""
+                        timeout: float = 60.0, threads: int | None = None) -> LocalWorkers:
+    """Start a tracker and `servers` rpc servers registered under `key`; wait until all are free.
+
+    `threads` should be the target's num-cores: without TVM_NUM_THREADS the runtime uses half
+    the hardware threads (1 on a 2-core VM), so kernels tuned for 2 cores would run on one."""
     log_dir = Path(log_dir or STATE_FILE.parent / "logs")
     port = free_port()
     tracker = _spawn(["-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
                       "--port-end", str(port + 1)], log_dir / "rpc_tracker.log")
-    workers = LocalWorkers(key=key, tracker_port=port, tracker_pid=tracker.pid, log_dir=str(log_dir))
+    workers = LocalWorkers(key=key, tracker_port=port, tracker_pid=tracker.pid, log_dir=str(log_dir),
+                           threads=threads)
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -76,3 +76,15 @@ def test_parse_tracker():
     for bad in ("10.0.0.2", "host:port", ""):
         with pytest.raises(TvmflowError, match="bad tracker address"):
             parse_tracker(bad)
+
+
+def test_servers_run_with_the_targets_thread_count(tmp_path):
+    """TVM's default is half the hardware threads: the servers must get the target's num-cores."""
+    import psutil
+
+    workers = start_local_workers("threads-check", 1, tmp_path / "logs", threads=3)
+    try:
+        env = psutil.Process(workers.server_pids[0]).environ()
+        assert env.get("TVM_NUM_THREADS") == "3"
+    finally:
+        workers.stop()
