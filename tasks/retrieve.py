@@ -103,7 +103,9 @@ def list_builds(store: str, model: str | None = None, device: str | None = None)
                 k: validation.get(k) for k in ("passed", "samples", "max_abs_err", "max_rel_err", "top1_agreement")},
             "trials": manifest.get("trials"), "tvm_version": manifest.get("tvm_version"),
             "latest": latest.get(base) == build_id, "uri": uri_of(store, folder)})
-    return sorted(rows, key=lambda r: (r["model"] or "", r["device"] or "", r["published_at"] or ""), reverse=True)
+    # build ids start with their UTC time: they break ties of builds published in the same second
+    return sorted(rows, key=lambda r: (r["model"] or "", r["device"] or "", r["published_at"] or "",
+                                       r["build_id"] or ""), reverse=True)
 
 
 def _sha256(path: Path) -> str:

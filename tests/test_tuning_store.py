@@ -150,7 +150,9 @@ def test_second_compile_on_a_fresh_machine_runs_zero_trials(s3, prefect_harness,
     assert second["trials"] == 0
     assert second["tuning_reuse"]["reused"] == len(tuned) and second["tuning_reuse"]["fresh"] == 0
     assert second["tuning_reuse"]["shard"] is None  # nothing new to add
-    assert second["validation"]["passed"] and second["cache_hits"] == []
+    # nothing local is reused (fresh cache); the tune hits all come from the shared database
+    assert second["validation"]["passed"]
+    assert second["cache_hits"] == [f"tune ({len(tuned)}/{len(second['tuning'])} tasks)"]
     # no credentials anywhere in what was published or reported
     fs = s3.fs()
     for path in fs.find(store[5:]):
