@@ -151,3 +151,8 @@ def compile_flow(model: str = DEFAULT_MODEL, device: str = "local", trials: int 
         return report
     finally:
         steps.clean_dir(work_dir)
+
+
+if __name__ != "flows.compile":  # loaded by file path (deployment entrypoint flows/compile.py:compile_flow):
+    # use the importable module's flow, so Dask workers can unpickle what refers to it
+    from flows.compile import compile_flow  # noqa: E402,F401,F811

@@ -57,3 +57,8 @@ def retune_flow(device: str = "local", models: list | None = None, budget: int =
         raise TvmflowError(f"{len(failed)} of {len(outcomes)} models failed: "
                            + "; ".join(f"{o.model}: {o.reason}" for o in failed))
     return [o.to_json() for o in outcomes]
+
+
+if __name__ != "flows.retune":  # loaded by file path (deployment entrypoint flows/retune.py:retune_flow):
+    # use the importable module's flow, so Dask workers can unpickle what refers to it
+    from flows.retune import retune_flow  # noqa: E402,F401,F811
