@@ -319,7 +319,7 @@ def main(argv=None) -> dict:
         result["tuning"] = [{k: r.get(k) for k in ("name", "trials_planned", "trials_run", "valid", "best_ms",
                                                    "seconds", "error")} for r in results]
         t0 = time.monotonic()
-        db_dir, records = steps.merge_step(results, cache_dir / "merged-db")
+        db_dir, records = steps.merge_step(results, cache_dir / "merged-db", device)
         lib, _ = steps.build_step(prepared, prep_key, device, db_dir)
         result["build_seconds"] = round(time.monotonic() - t0, 1)
         result["records"] = records

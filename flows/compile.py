@@ -97,7 +97,7 @@ def compile_flow(model: str = DEFAULT_MODEL, device: str = "local", trials: int 
             results = reuse.results(tune_fanout(reuse.to_tune, profile, address, servers, seed_db_dir=reuse.seed_db_dir,
                                                 dask_address=dask_address), plan)
             tuning_seconds = time.monotonic() - tune_start
-            db_dir, records = steps.merge_task(results, work_dir / "database")
+            db_dir, records = steps.merge_task(results, work_dir / "database", profile)
             shard = tuning_store.push_run_task(store, profile, reuse, results, work_dir, source.name)
             lib, build_hit = steps.build_task(prepared, prep_key, profile, db_dir)
             run, validation, framework_ms = validate_on_device(lib, source, specs, dataset, address, profile,

@@ -30,6 +30,10 @@ class DeviceProfile:
 
         return tvm.target.Target(self.target)
 
+    def runs_on_host(self) -> bool:
+        """A CPU target this machine can execute (no cross triple): kernels can be checked here."""
+        return self.target.get("kind") == "llvm" and "mtriple" not in self.target
+
     def target_key(self) -> str:
         """A stable string for cache keys."""
         return str(sorted(self.target.items()))

@@ -231,7 +231,7 @@ def _retune(entry, profile, workers, store, budget, fanout, precision, work_dir:
     tuning_seconds = time.monotonic() - tune_start
     outcome.trials = sum(r["trials_run"] for r in results if not r.get("cached"))
     sources = ([{"db_dir": seed}] if seed else []) + results  # LATEST's records plus the new ones
-    db_dir, records = steps.merge_step(sources, work_dir / "database")
+    db_dir, records = steps.merge_step(sources, work_dir / "database", profile)
     if latest and same_database(db_dir, latest):
         outcome.status, outcome.reason = "kept", f"tuning found nothing better; LATEST {latest.build_id} is current"
         return

@@ -120,11 +120,14 @@ def tune_one(task_: TuningTask, device: DeviceProfile, tracker: tuple[str, int],
     return result.to_json()
 
 
-def merge_step(results: list[dict], out_dir: Path) -> tuple[Path, int]:
+def merge_step(results: list[dict], out_dir: Path, device: DeviceProfile | None = None) -> tuple[Path, int]:
+    """Best record per workload; on a device this host can run, only records whose kernel
+    computes what the default lowering computes (tasks.pick_best.record_is_correct)."""
     from tasks.pick_best import merge_databases
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    count = merge_databases([r["db_dir"] for r in results if r.get("db_dir")], out_dir)
+    count = merge_databases([r["db_dir"] for r in results if r.get("db_dir")], out_dir,
+                            verify_target=device.target if device and device.runs_on_host() else None)
     return out_dir, count
 
 

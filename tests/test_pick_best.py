@@ -71,3 +71,22 @@ def test_merge_overwrites_an_old_output(tmp_path, workloads):
 def test_merge_of_nothing_is_an_empty_db(tmp_path):
     assert merge_databases([tmp_path / "none"], tmp_path / "merged") == 0
     assert all((tmp_path / "merged" / name).exists() for name in DB_FILES)
+
+
+def test_a_record_that_computes_wrong_results_is_dropped(tmp_path):
+    """A real MetaSchedule record (EfficientNet-Lite0, conv+BN+clip fused with the next pad) whose
+    kernel leaves the pad border unwritten: the merge keeps only records that match the default kernel."""
+    from pathlib import Path
+
+    from tasks.devices import get_device
+    from tasks.pick_best import merge_databases, open_db, record_is_correct
+
+    data = Path(__file__).parent / "data"
+    target = get_device("local").target
+    wrong = open_db(data / "wrong_pad_record").get_all_tuning_records()[0]
+    good = open_db(data / "good_record").get_all_tuning_records()[0]
+    assert not record_is_correct(wrong.workload.mod, wrong.trace, target)
+    assert record_is_correct(good.workload.mod, good.trace, target)
+    sources = [data / "wrong_pad_record", data / "good_record"]
+    assert merge_databases(sources, tmp_path / "unchecked") == 2
+    assert merge_databases(sources, tmp_path / "checked", verify_target=target) == 1
