@@ -50,14 +50,9 @@ def parse_args(argv=None):
 
 def time_ms(fn, repeat: int, warmup: int = 3) -> dict:
     """Median and p90 wall time of fn() in ms."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return stats(times)
+    from tasks.reference import wall_times_ms
+
+    return stats(wall_times_ms(fn, repeat, warmup))
 
 
 def stats(latencies_ms) -> dict:

@@ -9,7 +9,8 @@ import numpy as np
 from tasks.errors import TvmflowError
 
 
-def _median_ms(fn, warmup: int = 3, repeat: int = 20) -> float:
+def wall_times_ms(fn, repeat: int = 20, warmup: int = 3) -> list[float]:
+    """Wall time of each of `repeat` calls of fn(), after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -17,7 +18,11 @@ def _median_ms(fn, warmup: int = 3, repeat: int = 20) -> float:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1000)
-    return float(np.median(times))
+    return times
+
+
+def _median_ms(fn, warmup: int = 3, repeat: int = 20) -> float:
+    return float(np.median(wall_times_ms(fn, repeat, warmup)))
 
 
 class Reference:
