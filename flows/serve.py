@@ -4,7 +4,6 @@ tracker + rpc servers), and a Prefect worker whose flow runs use that tracker. C
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -45,7 +44,7 @@ def serve(port: int = 4200, device: str = "local", servers: int = 2, deploy: boo
           log_dir: str | None = None, ready=None) -> int:
     """Start everything, print where it is, and block until interrupted."""
     from tasks.devices import get_device
-    from tasks.workers import start_local_workers
+    from tasks.workers import start_local_workers, stop_group
 
     profile = get_device(device)
     logs = Path(log_dir or Path.home() / ".tvmflow" / "serve")
@@ -91,13 +90,6 @@ def serve(port: int = 4200, device: str = "local", servers: int = 2, deploy: boo
         return 0
     finally:
         for proc in reversed(procs):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(15)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            stop_group(proc)
         if workers:
             workers.stop()

@@ -184,7 +184,6 @@ def import_onnx(path: Path, overrides: list[InputSpec] | None = None) -> Importe
 
 def import_pt2(path: Path, overrides: list[InputSpec] | None = None) -> ImportedModel:
     import torch
-    from tvm.relax.frontend.torch import from_exported_program
 
     try:
         program = torch.export.load(str(path))
@@ -203,12 +202,18 @@ def import_pt2(path: Path, overrides: list[InputSpec] | None = None) -> Imported
         if match[0].shape != given.shape or match[0].dtype != given.dtype:
             raise TvmflowError(f"--input {given} does not match the exported program's static input {match[0]}; "
                                "export the model with that shape")
+    return ImportedModel(relax_from_program(program, "PyTorch"), specs, "torch")
+
+
+def relax_from_program(program, source: str):
+    """Relax from a torch ExportedProgram; an unsupported operator is named in the error."""
+    from tvm.relax.frontend.torch import from_exported_program
+
     try:
-        mod = from_exported_program(program, unwrap_unit_return_tuple=True)
-    except Exception as err:  # noqa: BLE001
+        return from_exported_program(program, unwrap_unit_return_tuple=True)
+    except Exception as err:  # noqa: BLE001 - the importer raises many types
         raise _unsupported(err) or TvmflowError(
-            f"PyTorch import failed: {str(err).strip().splitlines()[-1][:300]}") from None
-    return ImportedModel(mod, specs, "torch")
+            f"{source} import failed: {str(err).strip().splitlines()[-1][:300]}") from None
 
 
 def import_model(path: Path, overrides: list[InputSpec] | None = None) -> ImportedModel:

@@ -88,6 +88,17 @@ def kill_group(pid: int, sig: int = signal.SIGTERM) -> None:
         pass
 
 
+def stop_group(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM a child's process group, SIGKILL it if it has not exited within `timeout` s."""
+    if proc.poll() is not None:
+        return
+    kill_group(proc.pid)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc.pid, signal.SIGKILL)
+
+
 @dataclass
 class LocalWorkers:
     """A tracker plus rpc servers started on free loopback ports by this process."""

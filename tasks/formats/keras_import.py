@@ -11,7 +11,6 @@ import json
 import os
 import re
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -119,9 +118,8 @@ def _named_wrapper(model, names: list[str]):
 
 def import_keras(path: Path, overrides=None):
     import torch
-    from tvm.relax.frontend.torch import from_exported_program
 
-    from tasks.model_import import ImportedModel, _unsupported
+    from tasks.model_import import ImportedModel, relax_from_program
 
     model = load_model(path)
     specs = _input_specs(model, overrides)
@@ -131,12 +129,7 @@ def import_keras(path: Path, overrides=None):
             program = torch.export.export(_named_wrapper(model, [s.name for s in specs]).eval(), example)
     except Exception as err:  # noqa: BLE001
         raise TvmflowError(f"torch.export of the Keras model failed: {str(err).strip().splitlines()[0][:300]}") from None
-    try:
-        mod = from_exported_program(program, unwrap_unit_return_tuple=True)
-    except Exception as err:  # noqa: BLE001
-        raise _unsupported(err) or TvmflowError(
-            f"Keras (torch) import failed: {str(err).strip().splitlines()[-1][:300]}") from None
-    return ImportedModel(mod, specs, "keras")
+    return ImportedModel(relax_from_program(program, "Keras (torch)"), specs, "keras")
 
 
 def export_onnx(path: Path, out_path: Path, names: list[str]) -> Path:
