@@ -73,11 +73,10 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """SeaweedFS with S3 auth on, auto-create of buckets off (so a missing bucket is an error)."""
-    root = tmp_path_factory.mktemp("seaweedfs")
-    (root / "data").mkdir()
+def start_seaweedfs(root: Path) -> S3Server:
+    """SeaweedFS with S3 auth on, auto-create of buckets off (so a missing bucket is an error),
+    in its own process group under `root`, with a fresh bucket. Stop it with `stop_seaweedfs`."""
+    (root / "data").mkdir(parents=True, exist_ok=True)
     config = root / "s3.json"
     config.write_text(json.dumps({"identities": [{
         "name": "tvmflow-test", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
@@ -88,27 +87,37 @@ def s3_server(tmp_path_factory):
             f"-s3.config={config}", "-s3.autoCreateBucket=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-webdav=false", "-admin.ui=false", f"-admin.port={admin}", f"-debug.port={debug}",
             "-master.telemetry=false", "-master.volumeSizeLimitMB=64"]
-    log = open(root / "weed.log", "ab")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            cwd=root, start_new_session=True)
+    with open(root / "weed.log", "ab") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=root, start_new_session=True)
     server = S3Server(endpoint=f"http://127.0.0.1:{s3port}", bucket="tvmflow-" + uuid.uuid4().hex[:8],
                       data_dir=root, proc=proc)
+    deadline = time.monotonic() + 90
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError("weed mini exited:\n" + (root / "weed.log").read_text()[-3000:])
+        try:
+            server.fs().mkdir(server.bucket)
+            return server
+        except Exception:  # noqa: BLE001 - not up yet
+            if time.monotonic() > deadline:
+                _stop(proc)
+                raise RuntimeError("SeaweedFS S3 did not come up:\n" + (root / "weed.log").read_text()[-3000:])
+            time.sleep(0.5)
+
+
+def stop_seaweedfs(server: S3Server) -> None:
+    if server.proc is not None:
+        _stop(server.proc)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("weed mini exited:\n" + (root / "weed.log").read_text()[-3000:])
-            try:
-                server.fs().mkdir(server.bucket)
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                if time.monotonic() > deadline:
-                    raise RuntimeError("SeaweedFS S3 did not come up:\n" + (root / "weed.log").read_text()[-3000:])
-                time.sleep(0.5)
         yield server
     finally:
-        _stop(proc)
-        log.close()
+        stop_seaweedfs(server)
 
 
 @pytest.fixture
