@@ -192,9 +192,17 @@ def save_state(workers: LocalWorkers) -> None:
 
 
 def load_state() -> LocalWorkers | None:
+    """The workers `tvmflow workers start` left running, or None. A state file whose tracker has
+    died (machine rebooted, process killed) is stale: its leftover servers are stopped and the file
+    removed, so it cannot block the next `start`."""
     if not STATE_FILE.exists():
         return None
-    return LocalWorkers(**json.loads(STATE_FILE.read_text()))
+    state = LocalWorkers(**json.loads(STATE_FILE.read_text()))
+    if not _alive(state.tracker_pid):
+        state.stop()
+        clear_state()
+        return None
+    return state
 
 
 def clear_state() -> None:

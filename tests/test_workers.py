@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import psutil
@@ -88,3 +89,20 @@ def test_servers_run_with_the_targets_thread_count(tmp_path):
         assert env.get("TVM_NUM_THREADS") == "3"
     finally:
         workers.stop()
+
+
+def test_stale_state_file_does_not_block_start(tmp_path, monkeypatch):
+    """A workers.json whose tracker died is dropped (its servers stopped), not reported as running."""
+    import tasks.workers as workers_mod
+
+    monkeypatch.setattr(workers_mod, "STATE_FILE", tmp_path / "workers.json")
+    started = start_local_workers("stale-check", 1, tmp_path / "logs")
+    workers_mod.save_state(started)
+    server_pid = started.server_pids[0]
+    workers_mod.kill_group(started.tracker_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while workers_mod._alive(started.tracker_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert workers_mod.load_state() is None
+    assert not (tmp_path / "workers.json").exists()
+    assert not workers_mod._alive(server_pid)
