@@ -22,6 +22,7 @@ from tasks.model_import import parse_input_spec
 from tasks.precision import check_precision
 from tasks.precision import precision_warning as slow_precision_warning
 from tasks.precision_step import PrecisionOptions, precision_gate_failure, precision_task
+from tasks.qdq import effective_precision, prequantized_info
 from tasks.publish import build_prefix, new_build_id, publish_build, safe_segment, uri_of
 from tasks.store import check_store
 from tasks.reference import Reference, export_onnx_for_baseline, onnxruntime_latency
@@ -81,9 +82,14 @@ def compile_flow(model: str = DEFAULT_MODEL, device: str = "local", trials: int 
     source = steps.fetch_model_task(model, specs_in)
     safe_segment(source.name, "model")
     prepared, specs, prep_key, import_hit = steps.import_task(source, profile, specs_in)
+    prequantized = prequantized_info(prepared)  # a QDQ ONNX model: already int8 (tasks/qdq.py)
+    precision = effective_precision(precision, prequantized)
+    if prequantized:
+        logger.info(f"pre-quantized int8 (QDQ) model: {len(prequantized['integer_layers'])} integer layers, "
+                    f"{len(prequantized['kept_float'])} float; validated with the int8 gate, no calibration")
     dataset = load_dataset(data or DEFAULT_DATA.get(model), specs)
     lowered = None
-    if precision != "fp32":  # fp16 / bf16 / calibrated int8 (tasks/precision_step.py)
+    if precision != "fp32" and not prequantized:  # fp16 / bf16 / calibrated int8 (tasks/precision_step.py)
         lowered = precision_task(source, profile, specs_in, specs, precision, PrecisionOptions(**(precision_options or {})))
         prepared, prep_key = lowered.prepared, lowered.key
     plan = steps.plan_task(prepared, profile, trials)
@@ -128,7 +134,7 @@ def compile_flow(model: str = DEFAULT_MODEL, device: str = "local", trials: int 
             "validation": validation.to_json(), "cache_hits": hits,
             "tuning_seconds": round(tuning_seconds, 1),
             "tuning_reuse": {**reuse.summary(), "shard": shard},
-            "precision_info": lowered.info if lowered else None, "precision_warning": precision_warning,
+            "precision_info": lowered.info if lowered else prequantized, "precision_warning": precision_warning,
         }
         if not validation.passed and lowered is not None:  # per-layer error: which layer to keep in float
             raise precision_gate_failure(report, source, specs_in, lowered, dataset)

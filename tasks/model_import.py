@@ -179,6 +179,10 @@ def import_onnx(path: Path, overrides: list[InputSpec] | None = None) -> Importe
     except Exception as err:  # noqa: BLE001 - the importer raises many types
         raise _unsupported(err) or TvmflowError(
             f"ONNX import failed: {str(err).strip().splitlines()[-1][:300]}") from None
+    from tasks.qdq import is_qdq, lower_qdq
+
+    if is_qdq(model):  # pre-quantized (onnxruntime quantize_static QDQ): integer conv/matmul, not fake quant
+        mod = lower_qdq(mod)[0]
     return ImportedModel(mod, specs, "onnx")
 
 

@@ -168,7 +168,18 @@ def lower_qdq(mod):
     bindings = relax.analysis.get_var2val(mod["main"])
     plan = {"format": "QDQ", "integer_layers": [], "kept_float": []}
 
+    errors: list[TvmflowError] = []
+
     def handler(bb, layer, call):
+        """Errors are kept and raised after the visit: raised inside it they come back as a
+        RuntimeError with TVM's traceback (the mutator runs behind the FFI)."""
+        try:
+            return None if errors else rewrite(bb, layer, call)
+        except TvmflowError as err:
+            errors.append(err)
+            return None
+
+    def rewrite(bb, layer, call):
         kind = layer.kind
         if kind == "matmul" and call.op.name != "relax.matmul":
             plan["kept_float"].append({"name": layer.name, "why": f"{call.op.name} is not rewritten"})
@@ -205,6 +216,8 @@ def lower_qdq(mod):
         return out
 
     new, _ = rewrite_layers(mod, handler)
+    if errors:
+        raise errors[0]
     # the bypassed dequantize ops are dead now; the int32 bias dequantize folds to a float constant
     new = relax.transform.FoldConstant()(relax.transform.DeadCodeElimination(["main"])(new))
     new = new.with_attr(ATTR, json.dumps(plan))
@@ -228,3 +241,33 @@ def effective_precision(requested: str, info: dict | None) -> str:
         raise TvmflowError(f"the model is pre-quantized int8 (QDQ); --precision {requested} does not apply: "
                            "compile it without --precision (it runs as int8)")
     return "int8"
+
+
+def quantize_static_qdq(onnx_fp32, dataset, out, activation: str = "uint8", reduce_range: bool = False):
+    """A QDQ model as users make them: onnxruntime's quant_pre_process, then quantize_static
+    (per-channel int8 weights, `activation` uint8 or int8, calibrated on `dataset`'s samples, fed
+    to the ONNX inputs in order). Returns `out`. For tests and benchmarks of this path."""
+    from pathlib import Path
+
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = Path(out)
+    pre = out.with_name(out.stem + "-pre.onnx")
+    quant_pre_process(str(onnx_fp32), str(pre), skip_symbolic_shape=True)
+    names = [i.name for i in onnx.load(str(pre)).graph.input]
+    feeds = [{o: arr[i] for o, arr in zip(names, dataset.inputs.values())} for i in range(len(dataset))]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(feeds)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    act = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activation]
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    reduce_range=reduce_range, activation_type=act, weight_type=QuantType.QInt8)
+    pre.unlink()
+    return out

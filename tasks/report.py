@@ -27,11 +27,22 @@ def latency_rows(report: dict) -> list[dict]:
     return rows
 
 
+def _prequantized(report: dict) -> str:
+    """' (pre-quantized QDQ model: ...)' for a model that arrived quantized (tasks/qdq.py), else ''."""
+    info = report.get("precision_info") or {}
+    if not info.get("prequantized"):
+        return ""
+    floats = [k["name"] for k in info["kept_float"]]
+    return (f" (pre-quantized {info['format']} model: {len(info['integer_layers'])} integer layers"
+            + (f", float: {', '.join(floats)}" if floats else "") + ")")
+
+
 def markdown(report: dict) -> str:
     val = report["validation"]
     lines = [f"# tvmflow build: {report['model']} on {report['device']}", "",
              f"- build: `{report.get('build_uri', '(not published)')}`",
-             f"- precision: {report['precision']}, TVM {report['tvm_version']}, target `{report['target']}`",
+             f"- precision: {report['precision']}{_prequantized(report)}, TVM {report['tvm_version']}, "
+             f"target `{report['target']}`",
              f"- validation: **{'passed' if val['passed'] else 'FAILED'}** on {val['samples']} samples "
              f"(max abs err {val['max_abs_err']:.2e}, max rel err {val['max_rel_err']:.2e}, "
              f"top-1 agreement {_fmt(val['top1_agreement'])}, accuracy {_fmt(val.get('accuracy'))})"

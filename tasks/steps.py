@@ -65,8 +65,9 @@ def import_and_prepare(source: ModelSource, device: DeviceProfile, inputs: list[
     """(prepared IRModule, input specs, cache key, cache hit?) for this model and target."""
     import tvm
 
-    # "fixpoint-fusion": modules prepared before the fusion fix must not be reused
-    key = cache.content_key("import", "fixpoint-fusion", source.sha256, [str(s) for s in inputs or []],
+    # "fixpoint-fusion": modules prepared before the fusion fix must not be reused; "qdq-int8": nor QDQ
+    # models imported as fake quantization (tasks/qdq.py)
+    key = cache.content_key("import", "fixpoint-fusion", "qdq-int8", source.sha256, [str(s) for s in inputs or []],
                             device.target_key())
     hit = cache.lookup("import", key)
     if hit:
