@@ -23,6 +23,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from flows.cli import main
 from tasks.datasets import load_dataset
 from tasks.errors import TvmflowError
 from tasks.model_import import InputSpec, import_onnx
@@ -141,30 +142,37 @@ def test_fp16_of_a_prequantized_model_is_refused():
         effective_precision("fp16", info)
 
 
-def _cli(args, capsys):
-    from flows.cli import main
+@pytest.fixture(scope="module")
+def published(qdq, tmp_path_factory, local_workers, prefect_harness) -> dict:
+    """The u8 QDQ model through compile_flow (0 trials), validated on the device, published.
+    The first flow run of the module happens here, outside any capsys: Prefect binds its console
+    handler to the stream of its first run, and a test's capsys stream is closed after the test."""
+    from flows.compile import compile_flow
 
+    store = tmp_path_factory.mktemp("qdq-store")
+    return compile_flow(model=str(qdq["u8"]), device="local", trials=0, store=str(store),
+                        data="bundled:mnist:100:3000", tracker=local_workers.tracker, measure_untuned=False)
+
+
+def test_flow_compiles_validates_and_publishes_a_qdq_model(published):
+    manifest_path = Path(published["manifest_uri"].removeprefix("file://"))
+    manifest = json.loads(manifest_path.read_text())
+    # validated on the device against onnxruntime running the same QDQ model, with the int8 gate
+    assert manifest["precision"] == "int8" and manifest["validation"]["passed"]
+    assert manifest["validation"]["precision"] == "int8" and manifest["validation"]["top1_agreement"] >= 0.99
+    assert [l["name"] for l in published["precision_info"]["integer_layers"]] == [
+        "conv2d_0", "conv2d_1", "matmul_0", "matmul_1"]
+    report = (manifest_path.parent / "report.md").read_text()
+    assert "precision: int8 (pre-quantized QDQ model: 4 integer layers)" in report
+
+
+def _cli(args, capsys):
     code = main(args)
     out, err = capsys.readouterr()
     return code, out, err
 
 
-def test_cli_compiles_validates_and_publishes_a_qdq_model(qdq, tmp_path, local_workers, prefect_harness, capsys):
-    store = tmp_path / "store"
-    code, out, err = _cli(["compile", "--model", str(qdq["u8"]), "--trials", "0", "--data", "bundled:mnist:100:3000",
-                           "--store", str(store), "--tracker", local_workers.tracker, "--no-untuned", "--json"], capsys)
-    assert code == 0, err[-3000:]
-    summary = json.loads(out.strip().splitlines()[-1])
-    manifest = json.loads(Path(summary["manifest_uri"].removeprefix("file://")).read_text())
-    # validated on the device against onnxruntime running the same QDQ model, with the int8 gate
-    assert manifest["precision"] == "int8" and manifest["validation"]["passed"]
-    assert manifest["validation"]["precision"] == "int8" and manifest["validation"]["top1_agreement"] >= 0.99
-    report = (Path(summary["manifest_uri"].removeprefix("file://")).parent / "report.md").read_text()
-    assert "precision: int8 (pre-quantized QDQ model: 4 integer layers)" in report
-
-
-def test_cli_unsupported_qdq_model_exits_2_and_publishes_nothing(qdq, tmp_path, local_workers, prefect_harness,
-                                                                 capsys):
+def test_cli_unsupported_qdq_model_exits_2_and_publishes_nothing(qdq, published, tmp_path, local_workers, capsys):
     bad = _mutated(qdq["u8"], tmp_path / "bad.onnx", "weight_zero_point")
     store = tmp_path / "store"
     code, out, err = _cli(["compile", "--model", str(bad), "--trials", "0", "--data", "bundled:mnist:20",
