@@ -1,6 +1,12 @@
 """Probe: MetaSchedule tuning an int8 GEMM (a 3x3x64->256 conv as im2col, 14x14 output) with our
 dot_8x4_avx2 tensorize rule (tasks.int8_isa.tensorize_space), against fp32 with MetaSchedule's
-default rules, same trials. Prints instruction counts, exactness and latency (this host)."""
+default rules, same trials. Prints instruction counts, exactness and latency (this host).
+
+`layers`: whole ResNet-18 conv layers (conv + ReLU) through the real path, fp32 against int8
+(tasks.quantize -> tasks.extract.prepare_for_tuning, which packs them with tasks.int8_pack),
+tuned like the flow with the same trial budget (bench/precision_bench._tune_and_build):
+    .venv/bin/python bench/int8_gemm_probe.py layers 64
+Results: bench/results/int8_layers.json (the GEMM probe: int8_gemm_probe.json)."""
 from __future__ import annotations
 
 import json
@@ -62,8 +68,90 @@ def main(trials: int = 32) -> dict:
     return out
 
 
+# ResNet-18's heaviest conv shapes: (C, O, H, W, kernel, stride, padding)
+LAYERS = {"conv3x3_64_56": (64, 64, 56, 56, 3, 1, 1), "conv3x3_256_14": (256, 256, 14, 14, 3, 1, 1),
+          "conv1x1_128_256_s2": (128, 256, 28, 28, 1, 2, 0)}
+
+
+def _conv_relu(c, o, h, w, k, stride, pad):
+    """fp32 Relax module: relu(conv2d(x, W) + b), seeded weights."""
+    from tvm import relax
+
+    rng = np.random.default_rng(0)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, c, h, w), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(rng.normal(0, 0.05, (o, c, k, k)).astype("float32")),
+                                           strides=stride, padding=pad))
+            y = bb.emit(relax.op.nn.relu(relax.op.add(y, relax.const(rng.normal(0, 0.1, (1, o, 1, 1)).astype("float32")))))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def layers(trials: int, names: list[str]) -> dict:
+    import os
+
+    import tvm
+
+    from bench.precision_bench import _tune_and_build, _tvm_latency
+    from tasks.extract import prepare_for_tuning
+    from tasks.int8_isa import assembly, instruction_counts
+    from tasks.layers import host_runner
+    from tasks.quantize import QuantConfig, quantize_model, weights_need_7_bits
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
+    out = {"trials": trials, "load_avg_at_start": os.getloadavg()}
+    for name in names:
+        c, o, h, w, k, stride, pad = LAYERS[name]
+        mod = _conv_relu(c, o, h, w, k, stride, pad)
+        oh = (h + 2 * pad - k) // stride + 1
+        macs = o * oh * oh * c * k * k
+        x = np.abs(np.random.default_rng(1).normal(0, 1, (1, c, h, w))).astype("float32")  # post-ReLU input
+        qmod, _ = quantize_model(mod, {"conv2d_0": (0.0, float(x.max()))},
+                                 QuantConfig(keep_float=[], reduce_range=weights_need_7_bits(target)))
+        row = {"shape": LAYERS[name], "macs": macs}
+        for label, relax_mod in (("fp32", mod), ("int8", qmod)):
+            prepared = prepare_for_tuning(relax_mod, target)
+            ex, tune_s, db = _tune_and_build(prepared, target, trials, Path(tempfile.mkdtemp(prefix=f"{name}-{label}-")))
+            latency, vm = _tvm_latency(ex, {"x": x}, ["x"])
+            got = vm["main"](tvm.runtime.tensor(x)).numpy()
+            want = host_runner(relax_mod)({"x": x})[0]  # default lowering, unpacked
+            row[label] = {"latency_ms": latency, "gops": 2 * macs / latency / 1e6, "tuning_seconds": round(tune_s, 1),
+                          "exact_vs_unpacked": bool(np.array_equal(got, want)),
+                          "max_abs_diff": float(np.max(np.abs(got - want))),
+                          "isa": instruction_counts(assembly(ex)),
+                          "kernels_ms": _best_ms(db)}
+            print(name, label, row[label], flush=True)
+        row["int8_speedup"] = row["fp32"]["latency_ms"] / row["int8"]["latency_ms"]
+        out[name] = row
+    out["load_avg_at_end"] = os.getloadavg()
+    return out
+
+
+def _best_ms(db) -> dict:
+    """Best measured time per tuned kernel (ms), by its function name."""
+    best = {}
+    for record in db.get_all_tuning_records():
+        secs = [float(s) for s in (record.run_secs or [])]
+        if not secs:
+            continue
+        name = next(iter(record.workload.mod.functions.keys())).name_hint
+        ms_ = 1000 * sum(secs) / len(secs)
+        best[name] = min(best.get(name, ms_), ms_)
+    return best
+
+
 if __name__ == "__main__":
-    result = main(int(sys.argv[1]) if len(sys.argv) > 1 else 32)
-    path = Path(__file__).resolve().parent / "results" / "int8_gemm_probe.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    if len(sys.argv) > 1 and sys.argv[1] == "layers":
+        n = int(sys.argv[2]) if len(sys.argv) > 2 else 64
+        chosen = sys.argv[3:] or list(LAYERS)
+        path = results / "int8_layers.json"
+        previous = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**previous, **layers(n, chosen)}, indent=2, default=float))
+    else:
+        result = main(int(sys.argv[1]) if len(sys.argv) > 1 else 32)
+        (results / "int8_gemm_probe.json").write_text(json.dumps(result, indent=2))

@@ -74,20 +74,31 @@ def mnist(cal: str, val: str, method: str) -> dict:
 
 
 def _tune_and_build(prepared, target, trials: int, work_dir: Path):
+    """Tune like the flow: every task its own search with its share of the trials
+    (tasks.extract.allocate_trials) and the flow's space (tasks.int8_isa.space_for: packed int8
+    GEMMs get the tensorize space), one database; measured here by a LocalRunner (no tracker)."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
+    from tasks.extract import allocate_trials, extract_tasks
+    from tasks.int8_isa import space_for
+    from tasks.pick_best import open_db
     from tasks.tune import lean_build
 
     start = time.time()
-    if trials > 0:
-        db = ms.relax_integration.tune_relax(
-            prepared, {}, target, str(work_dir), max_trials_global=trials, num_trials_per_iter=16,
-            builder=ms.builder.LocalBuilder(max_workers=1, timeout_sec=120, f_build=lean_build),
-            runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1)),
-            cost_model="xgb", seed=0)
-    else:
-        db = ms.database.MemoryDatabase()
+    db = open_db(work_dir) if trials > 0 else ms.database.MemoryDatabase()
+    builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=120, f_build=lean_build)
+    runner = ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1))
+    for t in allocate_trials(extract_tasks(prepared, target), trials):
+        if t.trials <= 0:
+            continue
+        mod = tvm.ir.load_json(t.mod_json)
+        context = ms.TuneContext(mod=mod, target=target, space_generator=space_for(mod, target),
+                                 search_strategy="evolutionary", task_name=t.name, num_threads=2, rand_state=0)
+        ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=str(work_dir / t.name),
+                      max_trials_global=t.trials, num_trials_per_iter=min(16, t.trials), builder=builder,
+                      runner=runner, database=db, cost_model=ms.cost_model.XGBModel(num_tuning_cores=2))
+        print(f"  tuned {t.name}: {t.trials} trials, {time.time() - start:.0f} s", flush=True)
     tune_s = time.time() - start
     with target:
         ex = ms.relax_integration.compile_relax(db, prepared, target, params=None)
@@ -182,7 +193,7 @@ def model_bench(name: str, trials: int, method: str) -> dict:
     from tasks.calibrate import calibrate
     from tasks.datasets import load_dataset
     from tasks.extract import prepare_for_tuning
-    from tasks.quantize import QuantConfig, quantize_model
+    from tasks.quantize import QuantConfig, quantize_model, weights_need_7_bits
     from tasks.reference import Reference, export_onnx_for_baseline
 
     mod, specs, pt2 = _import(f"tasks.bundled:{name}")
@@ -195,7 +206,7 @@ def model_bench(name: str, trials: int, method: str) -> dict:
     row = {"model": name, "trials_per_precision": trials, "photos": len(photos), "torch_top1": ref_top1}
     work = Path(tempfile.mkdtemp(prefix=f"pbench-{name}-"))
     ranges = calibrate(mod, photos, method)
-    qmod, plan = quantize_model(mod, ranges, QuantConfig(method=method))
+    qmod, plan = quantize_model(mod, ranges, QuantConfig(method=method, reduce_range=weights_need_7_bits(target)))
     row["int8_plan"] = {"quantized": len(plan.quantized), "kept_float": [k["name"] for k in plan.kept_float]}
     onnx_fp32 = export_onnx_for_baseline(pt2, work / "fp32.onnx")
     onnx_int8 = _ort_int8(onnx_fp32, photos, names, work / "int8.onnx")

@@ -160,7 +160,8 @@ def parser() -> argparse.ArgumentParser:
                       "(default: first conv and last dense; 'none' quantizes all)")
     comp.add_argument("--precision-allow", default=None, help="fp16/bf16: op kinds or layer names to convert")
     comp.add_argument("--precision-deny", default=None, help="fp16/bf16: op kinds or layer names kept in fp32")
-    comp.add_argument("--reduce-range", action="store_true", help="int8: 7-bit weights (no vpmaddubsw saturation)")
+    comp.add_argument("--reduce-range", action="store_true", default=None,
+                      help="int8: 7-bit weights (no vpmaddubsw saturation; default: on where the device has AVX2 but no VNNI)")
     comp.add_argument("--no-untuned", action="store_true", help="skip measuring the untuned build")
     comp.add_argument("--worker-timeout", type=float, default=60.0, help="seconds to wait for a free device worker")
     comp.add_argument("--dask", default=None, metavar="HOST:PORT", help="run the tuning fan-out on this Dask scheduler")

@@ -39,12 +39,19 @@ def prepare_for_tuning(mod, target, max_rounds: int = 6):
     single fusion round that second round still changes kernels (same names, other bodies), so
     every tuned record would match nothing and be silently ignored (measured: tuned == untuned).
     At the fixpoint the tuned workloads are exactly the build's kernels.
+
+    Every module passes here before tuning, so this is where 8-bit conv2d / matmul layers (from
+    tasks.quantize or a QDQ import) become GEMMs packed for the target's int8 dot-product
+    instruction (tasks.int8_pack; a no-op for float modules and targets without one).
     """
     import tvm
     from tvm import relax
     from tvm_ffi.structural import structural_equal
 
+    from tasks.int8_pack import pack_int8_layers
+
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
+    mod = pack_int8_layers(mod, target)
     mod = relax.transform.DecomposeOpsForInference()(mod)
     with target:
         mod = relax.get_pipeline("zero")(mod)

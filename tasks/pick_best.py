@@ -7,8 +7,13 @@ DB_FILES = ("database_workload.json", "database_tuning_record.json")
 
 
 def open_db(folder: str | Path):
+    """The JSON database in `folder`. Also registers tvmflow's int8 tensor intrinsics: records of
+    packed int8 GEMMs name them, and applying such a record (build, record_is_correct) needs them."""
     from tvm.s_tir import meta_schedule as ms
 
+    from tasks.int8_isa import register_all
+
+    register_all()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     return ms.database.JSONDatabase(path_workload=str(folder / DB_FILES[0]),

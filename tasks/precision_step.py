@@ -25,7 +25,7 @@ class PrecisionOptions:
     keep_float: str | None = None  # "a,b" | "none" | None (default: first conv, last dense)
     allow: list | None = None  # fp16/bf16: op kinds or layer names to convert
     deny: list | None = None
-    reduce_range: bool = False
+    reduce_range: bool | None = None  # None: 7-bit int8 weights where the device needs them (quantize.weights_need_7_bits)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -90,6 +90,12 @@ def lower_precision(source, device, specs_in, specs, precision: str, opts: Preci
                                json.loads((hit / "info.json").read_text()),
                                tvm.ir.load_json((hit / "converted.json").read_text()), True)
     imported = import_model(source.path, specs_in)
+    if precision == "int8" and opts.reduce_range is None:
+        from dataclasses import replace
+
+        from tasks.quantize import weights_need_7_bits
+
+        opts = replace(opts, reduce_range=weights_need_7_bits(device.tvm_target()))
     converted, info = convert_model(imported.mod, specs, precision, opts, "llvm")  # calibration runs on this host
     prepared = prepare_for_tuning(converted, device.tvm_target())
     entry = cache.CacheEntry("precision", key)

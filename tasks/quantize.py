@@ -26,7 +26,7 @@ class QuantConfig:
     method: str = "percentile"  # activation calibration: max | percentile | kl
     percentile: float = 99.99
     keep_float: list | None = None  # layer names; None = first conv and last dense/matmul
-    reduce_range: bool = False  # 7-bit weights (AVX2 vpmaddubsw never saturates)
+    reduce_range: bool = False  # 7-bit weights (AVX2 vpmaddubsw never saturates): weights_need_7_bits
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -61,6 +61,17 @@ def parse_keep_float(text: str | None, layers) -> list[str] | None:
         raise TvmflowError(f"--keep-float names {unknown} are not layers of the model; its layers are "
                            f"{', '.join(sorted(known))}")
     return names
+
+
+def weights_need_7_bits(target) -> bool:
+    """The default for `reduce_range` on a device: True where the target's int8 dot product is
+    AVX2's vpmaddubsw (int16 pair sums saturate with 8-bit weights, so tasks.int8_pack would leave
+    those layers on plain, slower-than-fp32 loops), False with VNNI or without any dot product.
+    The same choice onnxruntime recommends for x86 without VNNI."""
+    from tasks.int8_isa import dot_intrin_for
+
+    intrin = dot_intrin_for(target)
+    return bool(intrin and intrin.saturates)
 
 
 def weight_scales(weight: np.ndarray, axis: int, qmax: int) -> np.ndarray:

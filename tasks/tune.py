@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tasks.capacity import limited_runner
 from tasks.extract import TuningTask
+from tasks.int8_isa import space_for  # packed int8 GEMMs (tasks.int8_pack) get the tensorize space
 
 log = logging.getLogger("tvmflow.tune")
 INVALID_SECS = 1e9  # MetaSchedule stores failed candidates with huge run_secs
@@ -133,8 +134,9 @@ def tune_task(task: TuningTask, target: dict, work_dir: str | Path, tracker: tup
                                             path_tuning_record=str(work_dir / "database_tuning_record.json"))
         if seed_db_dir:
             _seed(database, seed_db_dir)
-        ctx = ms.TuneContext(mod=tvm.ir.load_json(task.mod_json), target=tvm.target.Target(target),
-                             space_generator="post-order-apply", search_strategy="evolutionary",
+        mod = tvm.ir.load_json(task.mod_json)
+        ctx = ms.TuneContext(mod=mod, target=tvm.target.Target(target),
+                             space_generator=space_for(mod, target), search_strategy="evolutionary",
                              task_name=task.name, num_threads=2, rand_state=1)
         ms.tune_tasks(tasks=[ctx], task_weights=[1.0], work_dir=str(work_dir),
                       max_trials_global=task.trials, num_trials_per_iter=min(per_iter, task.trials),

@@ -1,0 +1,228 @@
+"""Rewrite integer conv2d / matmul layers into a GEMM that MetaSchedule can tensorize with the x86
+int8 dot-product instructions (vpdpbusd on AVX-512 VNNI, vpmaddubsw + vpmaddwd on AVX2).
+
+Why: `conv2d / matmul(x 8-bit, W int8 const, out_dtype=int32)` (tasks.quantize, and the QDQ import)
+lowers to plain loops of widened 32-bit multiplies, slower than fp32. The dot-product intrinsics
+(tasks.int8_isa.DotIntrin: u8[4] x s8[L, 4] -> s32[L]) need the reduction in groups of 4 contiguous
+bytes of the activation and the weight packed [O/L, K/4, L, 4]. So each such layer becomes
+    A   = im2col(x) [M, K4]   uint8, M = N*OH*OW, K4 = C*KH*KW rounded up to a multiple of 4
+    C   = A @ Wp    [M, O_L]  int32, Wp: the weight packed at compile time, O and K zero-padded
+    out = C back to the layer's own NCHW / [..., O] int32 shape (minus the shift correction)
+three Relax calls (emit_te): the GEMM alone in its kernel, its block named
+int8_isa.PACKED_GEMM_BLOCK so tasks.tune gives it the tensorize space; the layout change and the
+quantizer's float rescale fuse after it. A 1x1 stride-1 conv's "im2col" is just NCHW -> [M, C].
+The result is bit-exact against the layer it replaces (tests/test_int8_pack.py).
+
+Choices:
+- int8 (signed) activations: the instructions want u8 activations, so A = x + 128 (u8) and the
+  output subtracts 128 * sum_k W[o, k] (a per-channel int32 constant). Exact, costs one add in
+  the im2col copy; padding is shifted too (0 -> 128), which the correction accounts for.
+- AVX2 saturation: vpmaddubsw adds each pair of u8*s8 products in int16 with saturation. A layer
+  is packed for AVX2 only when no weight pair can saturate for any u8 input (positive and negative
+  parts of each pair sum to <= 128 in magnitude: 255 * 128 < 32768), checked on the constant.
+  7-bit weights (QuantConfig.reduce_range, |w| <= 63) always pass; full 8-bit weights usually do
+  not, and such layers keep their plain (exact, slow) lowering. VNNI has no such limit.
+- Grouped / depthwise convs are left as they are: per group the reduction is C/g*KH*KW (9 for a
+  3x3 depthwise), too short for 4-deep dot products to pay for the im2col copy; tasks.quantize
+  keeps depthwise convs in float (measured there).
+- Only NCHW / OIHW convs (what the importers produce); other layouts are left as they are.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from tasks.int8_isa import PACKED_GEMM_BLOCK, DotIntrin, dot_intrin_for
+
+log = logging.getLogger("tvmflow.int8_pack")
+SHIFT = 128  # int8 -> uint8 activation offset
+PAIR_LIMIT = 128  # 255 * 128 = 32640 fits int16; 255 * 129 does not
+
+
+def pack_weight(w2d: np.ndarray, lanes: int) -> np.ndarray:
+    """[O, K] int8 -> [ceil(O/lanes), ceil(K/4), lanes, 4], zero-padded."""
+    o, k = w2d.shape
+    o_pad, k_pad = -(-o // lanes) * lanes, -(-k // 4) * 4
+    padded = np.zeros((o_pad, k_pad), "int8")
+    padded[:o, :k] = w2d
+    return np.ascontiguousarray(padded.reshape(o_pad // lanes, lanes, k_pad // 4, 4).transpose(0, 2, 1, 3))
+
+
+def pairs_never_saturate(w2d: np.ndarray) -> bool:
+    """True when vpmaddubsw's int16 pair sums cannot saturate for any u8 activations."""
+    k_pad = -(-w2d.shape[1] // 2) * 2
+    w = np.zeros((w2d.shape[0], k_pad), "int32")
+    w[:, :w2d.shape[1]] = w2d
+    pos, neg = np.maximum(w, 0), np.maximum(-w, 0)
+    return bool((pos[:, 0::2] + pos[:, 1::2]).max(initial=0) <= PAIR_LIMIT
+                and (neg[:, 0::2] + neg[:, 1::2]).max(initial=0) <= PAIR_LIMIT)
+
+
+def _packed_gemm(a, wp):
+    """C[m, o] = sum_k A[m, k] * Wp[o / L, k / 4, o % L, k % 4]: the intrinsic's description, tiled."""
+    from tvm import te
+
+    m, k_pad = a.shape
+    blocks, _, lanes, _ = wp.shape
+    r = te.reduce_axis((0, k_pad), "k")
+    return te.compute((m, blocks * lanes), lambda i, j: te.sum(
+        a[i, r].astype("int32") * wp[j // lanes, r // 4, j % lanes, r % 4].astype("int32"), axis=r),
+        name=PACKED_GEMM_BLOCK)
+
+
+def _as_u8(value, shift: bool):
+    return (value.astype("int32") + SHIFT).astype("uint8") if shift else value
+
+
+def _im2col(x, kernel, strides, padding, dilation, k_pad, shift):
+    """[N, C, H, W] -> A[N*OH*OW, k_pad] uint8 (zeros past K; padding reads 0 before the shift)."""
+    import tvm
+    from tvm import te
+
+    n, c, h, w = (int(d) for d in x.shape)
+    kh, kw = kernel
+    (sh, sw), (dh, dw) = strides, dilation
+    top, left, bottom, right = padding
+    oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+    k = c * kh * kw
+
+    def element(m, kk):
+        b, rest = m // (oh * ow), m % (oh * ow)
+        y_out, x_out = rest // ow, rest % ow
+        kc = te.min(kk, k - 1)
+        ci, tap = kc // (kh * kw), kc % (kh * kw)
+        y = y_out * sh + (tap // kw) * dh - top
+        xx = x_out * sw + (tap % kw) * dw - left
+        inside = te.all(y >= 0, y < h, xx >= 0, xx < w)
+        value = te.if_then_else(inside, x[b, ci, te.max(te.min(y, h - 1), 0), te.max(te.min(xx, w - 1), 0)],
+                                te.const(0, x.dtype))
+        value = _as_u8(value, shift)
+        return te.if_then_else(kk < k, value, te.const(0, "uint8")) if k_pad != k else value
+
+    return te.compute((n * oh * ow, k_pad), element, name="im2col")
+
+
+def _rows(x, k_pad, shift):
+    """[..., K] -> A[M, k_pad] uint8 (a matmul's activation, flattened, zeros past K)."""
+    import tvm
+    from tvm import te
+
+    k = int(x.shape[-1])
+    lead = [int(d) for d in x.shape[:-1]]
+    m = int(np.prod(lead)) if lead else 1
+
+    def element(i, kk):
+        idx, rest = [], i
+        for d in reversed(lead):
+            idx.insert(0, rest % d)
+            rest = rest // d
+        value = _as_u8(x[(*idx, te.min(kk, k - 1))], shift)
+        return te.if_then_else(kk < k, value, te.const(0, "uint8")) if k_pad != k else value
+
+    return te.compute((m, k_pad), element, name="rows")
+
+
+def _unpack(c, out_shape, channel_axis: int, correction):
+    """C[M, O_L] -> the layer's int32 output (O on `channel_axis`), minus the shift correction."""
+    from tvm import te
+
+    dims = [int(d) for d in out_shape]
+    spatial = [d for i, d in enumerate(dims) if i != channel_axis]
+
+    def element(*idx):
+        o = idx[channel_axis]
+        rest = [v for i, v in enumerate(idx) if i != channel_axis]
+        m = 0
+        for v, d in zip(rest, spatial):
+            m = m * d + v
+        value = c[m, o]
+        return value - correction[o] if correction is not None else value
+
+    return te.compute(dims, element, name="unpack")
+
+
+def _weight_2d(call, kind: str) -> np.ndarray:
+    w = call.args[1].value.numpy()
+    return w.reshape(w.shape[0], -1) if kind == "conv2d" else w.T
+
+
+def _eligible(call, kind: str) -> str | None:
+    """Why a layer cannot be packed, or None."""
+    import tvm
+
+    x, w = call.args[0], call.args[1]
+    if str(call.ty.dtype) != "int32" or str(x.ty.dtype) not in ("uint8", "int8"):
+        return "not an 8-bit layer with int32 output"
+    if not isinstance(w, tvm.ir.Constant) or str(w.ty.dtype) != "int8":
+        return "weight is not an int8 constant"
+    try:
+        [int(d) for d in x.ty.shape]
+    except (TypeError, ValueError):
+        return "dynamic shape"
+    if kind == "conv2d":
+        attrs = call.attrs
+        if int(attrs.groups) != 1:
+            return "grouped/depthwise conv"
+        if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout or attrs.data_layout)) != \
+                ("NCHW", "OIHW", "NCHW"):
+            return "layout is not NCHW/OIHW"
+    elif len(w.ty.shape) != 2:
+        return "batched weight"
+    return None
+
+
+def pack_int8_layers(mod, target):
+    """The module with every packable 8-bit conv2d / matmul (int32 out, int8 constant weight) of
+    `main` as im2col + packed GEMM for `target`'s dot-product intrinsic; unchanged when the target
+    has none (ARM, GPUs) or the module has no such layer."""
+    from tasks.layers import make_rewriter
+
+    intrin = dot_intrin_for(target)
+    if intrin is None:
+        return mod
+    packed: list[str] = []
+
+    def handler(bb, layer, call):
+        why = _eligible(call, layer.kind)
+        w2d = None if why else _weight_2d(call, layer.kind)
+        if why is None and intrin.saturates and not pairs_never_saturate(w2d):
+            why = f"int8 weight pairs may saturate {intrin.name} (use 7-bit weights: reduce_range)"
+        if why:
+            if why != "not an 8-bit layer with int32 output":
+                log.info("int8 layer %s not packed: %s", layer.name, why)
+            return None
+        packed.append(layer.name)
+        return _packed_layer(bb, call, layer.kind, w2d, intrin)
+
+    rewriter = make_rewriter(handler)(mod)
+    func = rewriter.visit_expr(mod["main"])
+    if not packed:
+        return mod
+    log.info("packed %d int8 layers for %s: %s", len(packed), intrin.name, ", ".join(packed))
+    new = rewriter.builder_.get()  # the module plus the emitted TE kernels
+    new["main"] = func
+    return new
+
+
+def _packed_layer(bb, call, kind: str, w2d: np.ndarray, intrin: DotIntrin):
+    from tvm import relax
+
+    x = call.args[0]
+    shift = str(x.ty.dtype) == "int8"
+    k_pad = -(-w2d.shape[1] // 4) * 4
+    if kind == "conv2d":
+        attrs = call.attrs
+        kernel = list(call.args[1].value.numpy().shape[2:])
+        a = bb.emit_te(_im2col, x, kernel, [int(v) for v in attrs.strides], [int(v) for v in attrs.padding],
+                       [int(v) for v in attrs.dilation], k_pad, shift, primfunc_name_hint="int8_im2col")
+        channel_axis = 1
+    else:
+        a = bb.emit_te(_rows, x, k_pad, shift, primfunc_name_hint="int8_rows")
+        channel_axis = len(call.ty.shape) - 1
+    c = bb.emit_te(_packed_gemm, a, relax.const(pack_weight(w2d, intrin.lanes)),
+                   primfunc_name_hint=f"int8_gemm_{intrin.name}")
+    correction = relax.const((SHIFT * w2d.astype("int32").sum(axis=1)).astype("int32")) if shift else None
+    return bb.emit_te(_unpack, c, [int(d) for d in call.ty.shape], channel_axis, correction,
+                      primfunc_name_hint="int8_unpack")
