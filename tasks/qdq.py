@@ -170,7 +170,6 @@ def _conv(bb, call, x, w_q: np.ndarray, zp: int):
 def lower_qdq(mod):
     """(module with integer conv2d / matmul layers, plan dict). The plan is also stored in the
     module's attributes (see prequantized_info), so it survives lowering and the step caches."""
-    import tvm
     from tvm import relax
 
     from tasks.layers import rewrite_layers
@@ -179,6 +178,7 @@ def lower_qdq(mod):
     plan = {"format": "QDQ", "integer_layers": [], "kept_float": []}
 
     errors: list[TvmflowError] = []
+    shifted: dict = {}  # (x_q, zp) -> its uint8 shift, emitted once for all its consumers (ResNet's skip convs)
 
     def handler(bb, layer, call):
         """Errors are kept and raised after the visit: raised inside it they come back as a
@@ -191,8 +191,12 @@ def lower_qdq(mod):
 
     def rewrite(bb, layer, call):
         kind = layer.kind
-        if kind == "matmul" and call.op.name != "relax.matmul":
-            plan["kept_float"].append({"name": layer.name, "why": f"{call.op.name} is not rewritten"})
+        why = (f"{call.op.name} is not rewritten" if kind == "matmul" and call.op.name != "relax.matmul" else
+               "layout is not NCHW / OIHW" if kind == "conv2d" and (str(call.attrs.data_layout),
+                                                                   str(call.attrs.kernel_layout)) != ("NCHW", "OIHW")
+               else None)  # the ONNX importer emits NCHW / OIHW only
+        if why:
+            plan["kept_float"].append({"name": layer.name, "why": why})
             return None
         act = _activation(layer.name, call.args[0], bindings, bb)
         weight = _weight(layer.name, kind, call.args[1], bindings, bb)
@@ -202,7 +206,9 @@ def lower_qdq(mod):
                                                                    "onnxruntime too)"})
             return None
         (x_q, s_x, zp), (w_q, s_w) = act, weight
-        x, zp = _integer_input(bb, x_q, zp)
+        if (x_q, zp) not in shifted:
+            shifted[(x_q, zp)] = _integer_input(bb, x_q, zp)
+        x, zp = shifted[(x_q, zp)]
         if kind == "conv2d":
             acc, out_layout = _conv(bb, call, x, w_q, zp)
             shape = [1] * len(call.ty.shape)
