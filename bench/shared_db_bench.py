@@ -43,9 +43,9 @@ def compile_once(model: str, store: str, trials: int, env: dict, log: Path) -> d
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     reuse = summary.get("tuning_reuse", {})
     return {"model": model, "wall_s": round(wall, 1), "new_trials": summary.get("trials"),
-            "tasks": len(summary.get("tuning", [])),
+            "tasks": summary.get("tasks"),
             "reused": reuse.get("reused"), "warm_started": reuse.get("warm_started"), "fresh": reuse.get("fresh"),
-            "latency_ms": summary.get("latency_ms"), "tuning_s": summary.get("tuning_seconds"), "log": str(log)}
+            "latency_ms": summary.get("latency_ms"), "tuning_s": summary.get("tuning_seconds"), "untuned_tasks": len(summary.get("untuned_tasks") or []), "log": str(log)}
 
 
 def main() -> None:

@@ -55,7 +55,8 @@ def _compile(args) -> int:
         "untuned_latency_ms": report["untuned_latency_ms"], "reference": report["reference"],
         "baselines": report["baselines"], "validation": report["validation"], "tasks": report["tasks"],
         "trials": report["trials"], "untuned_tasks": report["untuned_tasks"], "cache_hits": report["cache_hits"],
-        "tuning_reuse": report.get("tuning_reuse"),
+        "tuning_reuse": report.get("tuning_reuse"), "tuning_seconds": report.get("tuning_seconds"),
+        "wall_seconds": report.get("wall_seconds"),
     }
     val = report["validation"]
     lines = [

@@ -7,16 +7,23 @@ from tasks.devices import DeviceProfile
 
 
 def compile_module(prepared_mod, device: DeviceProfile, db_dir: str | Path | None):
-    """Apply the database's best schedules; untuned kernels keep TVM's default lowering."""
+    """Apply the database's best schedules, then give every kernel left untuned the default CPU
+    schedule (tasks.cpu_fallback: parallel + vectorized; TVM's own lowering is serial, scalar).
+    The database goes first: a scheduled kernel no longer matches its tuning record."""
     import tvm
+    from tvm.relax.transform import MetaScheduleApplyDatabase
     from tvm.s_tir import meta_schedule as ms
 
+    from tasks.cpu_fallback import apply_cpu_fallback
     from tasks.pick_best import has_db, open_db
 
     target = device.tvm_target()
     database = open_db(db_dir) if db_dir and has_db(db_dir) else ms.database.MemoryDatabase()
+    with target, database, tvm.transform.PassContext(opt_level=3):
+        tuned = MetaScheduleApplyDatabase()(prepared_mod)
+    scheduled = apply_cpu_fallback(tuned, target)
     with target:
-        return ms.relax_integration.compile_relax(database, prepared_mod, target, params=None)
+        return ms.relax_integration.compile_relax(database, scheduled, target, params=None)
 
 
 def export_library(executable, device: DeviceProfile, out_path: str | Path) -> Path:
