@@ -30,6 +30,13 @@ HEADER = """\
 
 
 def deployments(fleet: dict) -> list[dict]:
+    from tasks.results import TASK_RESULTS_ENV
+
+    # flow results go to <store>/prefect-results (the entrypoints apply tasks.results.for_deployment_run);
+    # task results stay unpersisted, as in the CLI
+    def job() -> dict:  # a fresh dict each time: a shared one would become a YAML anchor
+        return {"env": dict(TASK_RESULTS_ENV)}
+
     out = []
     for name, profile in fleet.items():
         models = list(profile.extra.get("models") or [])
@@ -44,7 +51,7 @@ def deployments(fleet: dict) -> list[dict]:
             "parameters": {"model": first["model"], "device": name, "trials": profile.default_trials,
                            "store": STORE, "data": first.get("data"), **remote},
             "schedules": [{"cron": sched.get("compile", "0 6 * * 1"), "timezone": "UTC", "active": False}],
-            "work_pool": {"name": POOL, "work_queue_name": name},
+            "work_pool": {"name": POOL, "work_queue_name": name, "job_variables": job()},
         })
         out.append({
             "name": f"retune-{name}",
@@ -56,7 +63,7 @@ def deployments(fleet: dict) -> list[dict]:
                            "store": STORE, "dask_address": None, **remote},
             # a device with no `models:` in the fleet file has nothing to retune: schedule off
             "schedules": [{"cron": sched.get("retune", "0 2 * * *"), "timezone": "UTC", "active": bool(models)}],
-            "work_pool": {"name": POOL, "work_queue_name": name},
+            "work_pool": {"name": POOL, "work_queue_name": name, "job_variables": job()},
         })
     return out
 

@@ -7,16 +7,26 @@ credentials: keys stay in the environment (AWS_*), never in a Prefect block or p
 
 Only the flows' own results are persisted: the compile flow's steps cache by content under
 TVMFLOW_CACHE (tasks.cache) and some of their values (TVM IR modules) do not pickle.
+
+Two ways in: `with_store_results` for flows called from Python (the CLI, flows/retrieve.py), and
+`for_deployment_run` for flows a worker loads from a deployment entrypoint, where the store is
+the run's `store` parameter (changeable per run in the UI) and tasks' persistence is switched
+off through the deployment's environment (TASK_RESULTS_ENV, set by deployments/generate.py).
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
+import os
 
+from tasks.errors import TvmflowError
 from tasks.publish import join
 from tasks.store import clean_uri, is_local, open_store
 
 RESULTS_DIR = "prefect-results"
+# Prefect settings are read once at import: a deployment run gets this through its job env
+TASK_RESULTS_ENV = {"PREFECT_TASKS_DEFAULT_PERSIST_RESULT": "false"}
 
 
 def results_block_name(store: str) -> str:
@@ -37,9 +47,14 @@ def results_block(store: str):
     return block
 
 
+def persisted_in(flow_, store: str):
+    """`flow_` whose own result is persisted through the store's block."""
+    return flow_.with_options(result_storage=results_block(store), persist_result=True)
+
+
 def with_store_results(flow_, store: str):
     """`flow_` with its result persisted to the store's block; call it like the flow."""
-    configured = flow_.with_options(result_storage=results_block(store), persist_result=True)
+    configured = persisted_in(flow_, store)
 
     @functools.wraps(flow_.fn)
     def run(*args, **kwargs):
@@ -50,3 +65,22 @@ def with_store_results(flow_, store: str):
 
     return run
 
+
+
+def for_deployment_run(flow_):
+    """The flow a worker runs for a deployment entrypoint, persisting into the run's own store.
+
+    Called where the entrypoint module is loaded, before Prefect's engine reads the flow's result
+    storage: the flow run (PREFECT__FLOW_RUN_ID, set by the worker) names the store in its
+    parameters, so the block follows a store changed in the UI. Anywhere else (`prefect deploy`
+    reading the flow, a plain import) `flow_` comes back unchanged, and so it does for a store
+    that cannot be opened: the flow's own store check then fails the run with its one-line error."""
+    if not os.environ.get("PREFECT__FLOW_RUN_ID"):
+        return flow_
+    from prefect.runtime import flow_run
+
+    store = flow_run.parameters.get("store") or inspect.signature(flow_.fn).parameters["store"].default
+    try:
+        return persisted_in(flow_, store)
+    except TvmflowError:
+        return flow_

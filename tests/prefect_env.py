@@ -52,7 +52,8 @@ class Server:
         self.api = f"{self.url}/api"
         self.store = self.home / "store"
         self.cache = self.home / "tvmflow-cache"
-        base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        # no S3 keys from the test process: a worker gets them only where a test starts it with them
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
         base.update(PREFECT_HOME=str(self.home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                     PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="3", PREFECT_WORKER_QUERY_SECONDS="2",
                     PREFECT_WORKER_PREFETCH_SECONDS="5", PREFECT_LOGGING_LEVEL="INFO",
@@ -92,11 +93,20 @@ class Server:
             raise RuntimeError(f"prefect {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         return proc
 
-    def start_worker(self) -> subprocess.Popen:
-        worker = _spawn([str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process"],
-                        self.env, self.home / "worker.log")
+    def start_worker(self, queue: str = "local", env: dict | None = None) -> subprocess.Popen:
+        """A process worker for one queue of the pool, so a test's worker (its own queue and
+        environment, e.g. S3 keys) never takes another test's runs."""
+        worker = _spawn([str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process",
+                         "--work-queue", queue], {**self.env, **(env or {})},
+                        self.home / ("worker.log" if queue == "local" else f"worker-{queue}.log"))
         self.procs.append(worker)
         return worker
+
+    def run_deployment(self, flow_name: str, name: str, parameters: dict, queue: str | None = None) -> str:
+        """The id of a new run of a deployment (on `queue` of its pool, if given)."""
+        dep = self.deployment(flow_name, name)
+        body = {"parameters": parameters, **({"work_queue_name": queue} if queue else {})}
+        return self.post(f"/deployments/{dep['id']}/create_flow_run", body)["id"]
 
     def get(self, path: str):
         with urllib.request.urlopen(f"{self.api}{path}", timeout=10) as resp:
@@ -129,6 +139,12 @@ class Server:
         self.workers.stop()
 
 
+def compile_parameters(srv: Server, store: str) -> dict:
+    """A compile-local run of the tiny MNIST CNN without tuning, on the server's device workers."""
+    return {**MNIST, "device": "local", "trials": 0, "store": store, "measure_untuned": False,
+            "tracker": srv.tracker}
+
+
 def server() -> Server:
     """The process-wide server, with the pool created and prefect.yaml deployed."""
     if "server" not in _STATE:
@@ -139,10 +155,8 @@ def server() -> Server:
         srv.cli("deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
         srv.start_worker()
         # triggered now, so that the worker runs it while other tests look at the server
-        dep = srv.deployment("tvmflow-compile", "compile-local")
-        params = {**MNIST, "device": "local", "trials": 0, "store": str(srv.store), "measure_untuned": False,
-                  "tracker": srv.tracker}
-        _STATE["compile_run_id"] = srv.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": params})["id"]
+        _STATE["compile_run_id"] = srv.run_deployment("tvmflow-compile", "compile-local",
+                                                      compile_parameters(srv, str(srv.store)))
     return _STATE["server"]
 
 

@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 import yaml
+from prefect.results import ResultRecord
 
 import prefect_env
 from tasks.cache import sha256_file
@@ -73,6 +74,9 @@ def test_compile_deployment_run_publishes_and_reports():
     report = arts["mnist-cnn-local-report"]
     assert report["type"] == "markdown" and "validation: **passed**" in report["data"]
     assert build.name in report["data"]
+    # its flow result is in the store the run named (a local folder here), not the worker's storage
+    result = srv.store / "prefect-results" / Path(run["state"]["data"]["storage_key"]).name
+    assert ResultRecord.deserialize(result.read_bytes()).result["build_id"] == build.name
     # every measurement went through the device's global concurrency limit, created on first use
     limit = srv.get("/v2/concurrency_limits/device:local")
     assert limit["limit"] == 2 and limit["active_slots"] == 0
@@ -89,3 +93,40 @@ def test_bad_parameters_fail_the_run_before_any_tuning():
     assert "model '/nonexistent/model.onnx' is missing" in done["state"]["message"]
     tasks = srv.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
     assert [t["name"].rsplit("-", 1)[0] for t in tasks] == ["check-parameters"]
+
+
+def test_compile_deployment_persists_its_result_in_the_runs_s3_store(s3):
+    """A compile deployment run whose `store` parameter is an S3 store, on a worker that has the keys
+    only in its AWS_* environment: its flow result lands in <store>/prefect-results through the
+    store's saved block (not the worker's local storage), Prefect reads it back from there, and no
+    key is in the block, the result, the run's logs or its artifacts."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.results import results_block_name
+
+    srv, _ = prefect_env.compile_run()  # its import and build are in the step cache by now
+    srv.start_worker("s3", s3.env)
+    store = s3.store()
+    run_id = srv.run_deployment("tvmflow-compile", "compile-local", prefect_env.compile_parameters(srv, store),
+                                queue="s3")
+    run = srv.wait_run(run_id)
+    assert run["state"]["type"] == "COMPLETED", (run["state"], (srv.home / "worker-s3.log").read_text()[-4000:])
+    record = run["state"]["data"]  # the persisted result's metadata
+    block = srv.get(f"/block_documents/{record['storage_block_id']}")
+    assert block["name"] == results_block_name(store)
+    assert block["data"]["basepath"] == f"{store}/prefect-results"
+    stored = s3.fs().find(f"{store[5:]}/prefect-results")
+    assert [p.rsplit("/", 1)[1] for p in stored] == [record["storage_key"].rsplit("/", 1)[-1]], (stored, record)
+    with temporary_settings(updates={PREFECT_API_URL: srv.api}), get_client(sync_client=True) as client:
+        report = client.read_flow_run(run_id).state.result()
+    assert report["model"] == "mnist_cnn" and report["validation"]["passed"]
+    assert s3.fs().exists(f"{store[5:]}/builds/mnist_cnn/local/{report['build_id']}/manifest.json")
+    logs = srv.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}})
+    assert logs  # the run logged, so the check below looks at something
+    raw = s3.fs().cat(stored[0])  # the record: JSON metadata around the base64 pickle of the report
+    assert ResultRecord.deserialize(raw).result == report
+    seen = [raw.decode(), json.dumps(report, default=str), json.dumps(block), json.dumps(logs),
+            json.dumps(srv.artifacts(run_id)), json.dumps(run)]
+    for secret in (s3.secret_key, s3.access_key):
+        assert not any(secret in text for text in seen), secret
