@@ -160,5 +160,9 @@ def compile_flow(model: str = DEFAULT_MODEL, device: str = "local", trials: int 
 
 
 if __name__ != "flows.compile":  # loaded by file path (deployment entrypoint flows/compile.py:compile_flow):
-    # use the importable module's flow, so Dask workers can unpickle what refers to it
+    # use the importable module's flow, so Dask workers can unpickle what refers to it;
+    # its result goes to <store>/prefect-results of the run's `store` (tasks/results.py)
     from flows.compile import compile_flow  # noqa: E402,F401,F811
+    from tasks.results import for_deployment_run  # noqa: E402
+
+    compile_flow = for_deployment_run(compile_flow)
