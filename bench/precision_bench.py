@@ -105,6 +105,22 @@ def _tune_and_build(prepared, target, trials: int, work_dir: Path):
     return ex, tune_s, db
 
 
+def kernel_ms(db, prepared, target) -> dict:
+    """Best measured time (ms) of each tuned kernel of `prepared`, by task name."""
+    import tvm
+
+    from tasks.extract import extract_tasks
+
+    best = {}
+    for t in extract_tasks(prepared, target):
+        mod = tvm.ir.load_json(t.mod_json)
+        if db.has_workload(mod):
+            top = db.get_top_k(db.commit_workload(mod), 1)
+            if top and top[0].run_secs:
+                best[t.name] = round(1000 * float(np.mean([float(v) for v in top[0].run_secs])), 4)
+    return best
+
+
 def _isa(ex, prepared, db) -> dict:
     """Dot-product instructions in this build, and in the same schedules built for an AVX-512
     VNNI CPU (cascadelake; assembly only, this host cannot run it)."""

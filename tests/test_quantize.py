@@ -202,15 +202,19 @@ def test_avx2_dot_product_intrinsic_tensorizes_exactly():
 
 
 def test_int8_build_passes_the_gate_and_is_published(tmp_path, local_workers, prefect_harness):
-    """The success path through the flow: calibrated int8, validated on the device on real
-    labelled digits, published with precision int8 in the manifest."""
+    """The success path through the flow: calibrated int8 (7-bit weights by default on this AVX2
+    host), its layers packed for the dot-product intrinsic (tasks.int8_pack) and the heaviest
+    packed GEMM tuned, validated on the device on real labelled digits, published with precision
+    int8 in the manifest."""
     from flows.compile import compile_flow
 
-    report = compile_flow(model="tasks.bundled:mnist_cnn", device="local", trials=0, store=str(tmp_path / "store"),
+    report = compile_flow(model="tasks.bundled:mnist_cnn", device="local", trials=16, store=str(tmp_path / "store"),
                           data="bundled:mnist:100:3000", tracker=local_workers.tracker, precision="int8",
                           measure_untuned=False, precision_options={"calibration": "bundled:mnist:100:0"})
     assert report["validation"]["passed"] and report["validation"]["precision"] == "int8"
     assert report["validation"]["top1_agreement"] >= 0.99
     assert [q["name"] for q in report["precision_info"]["quantized"]] == ["conv2d_1", "matmul_0"]
+    tuned = [r for r in report["tuning"] if r["trials_run"]]
+    assert len(tuned) == 1 and "int8_gemm" in tuned[0]["name"] and tuned[0]["valid"] > 0, report["tuning"]
     manifest = json.loads(open(report["manifest_uri"].removeprefix("file://")).read())
     assert manifest["precision"] == "int8" and manifest["validation"]["passed"]
