@@ -123,13 +123,11 @@ def layers(trials: int, names: list[str]) -> dict:
             want = host_runner(relax_mod)({"x": x})[0]  # default lowering, unpacked
             # int8: the int32 GEMM is exact (tests/test_int8_pack.py); the float epilogue may differ
             # in the last bit where a tuned kernel contracts multiply + add into an FMA
-            row[label] = {"latency_ms": latency, "gops": 2 * macs / latency / 1e6, "tuning_seconds": round(tune_s, 1),
+            row[label] = {"trials": trials, "load_avg_1_5_15": os.getloadavg(), "latency_ms": latency, "gops": 2 * macs / latency / 1e6, "tuning_seconds": round(tune_s, 1),
                           "max_abs_diff_vs_default_lowering": float(np.max(np.abs(got - want))),
                           "isa": instruction_counts(assembly(ex)), "tuned_kernels_ms": kernel_ms(db, prepared, target),
                           "profile_ms": _profile_ms(ex, x)}
             print(name, label, row[label], flush=True)
-        if "fp32" in row and "int8" in row:
-            row["int8_speedup"] = row["fp32"]["latency_ms"] / row["int8"]["latency_ms"]
         out[name] = row
     out["load_avg_at_end"] = os.getloadavg()
     return out
@@ -152,7 +150,12 @@ if __name__ == "__main__":
         chosen = sys.argv[3:] or list(LAYERS)
         path = results / "int8_layers.json"
         previous = json.loads(path.read_text()) if path.exists() else {}
-        path.write_text(json.dumps({**previous, **layers(n, chosen)}, indent=2, default=float))
+        for key, value in layers(n, chosen).items():  # merge per layer: fp32 and int8 may come from two runs
+            previous[key] = {**previous[key], **value} if isinstance(value, dict) and key in previous else value
+            row = previous[key]
+            if isinstance(row, dict) and "fp32" in row and "int8" in row:
+                row["int8_speedup"] = row["fp32"]["latency_ms"] / row["int8"]["latency_ms"]
+        path.write_text(json.dumps(previous, indent=2, default=float))
     else:
         result = main(int(sys.argv[1]) if len(sys.argv) > 1 else 32)
         (results / "int8_gemm_probe.json").write_text(json.dumps(result, indent=2))
