@@ -19,6 +19,11 @@ from tasks.devices import load_fleet
 ROOT = prefect_env.ROOT
 
 
+def _stored_result(run: dict, data: bytes):
+    """The value in a persisted result file, read with the metadata (serializer) the run's state holds."""
+    return ResultRecord.deserialize_from_result_and_metadata(data, json.dumps(run["state"]["data"])).result
+
+
 def test_prefect_yaml_matches_the_fleet():
     """prefect.yaml is generated from devices.yaml: a compile and a nightly retune deployment per device."""
     check = subprocess.run([sys.executable, "deployments/generate.py", "--check"], cwd=ROOT, capture_output=True, text=True)
@@ -75,8 +80,8 @@ def test_compile_deployment_run_publishes_and_reports():
     assert report["type"] == "markdown" and "validation: **passed**" in report["data"]
     assert build.name in report["data"]
     # its flow result is in the store the run named (a local folder here), not the worker's storage
-    result = srv.store / "prefect-results" / Path(run["state"]["data"]["storage_key"]).name
-    assert ResultRecord.deserialize(result.read_bytes()).result["build_id"] == build.name
+    assert _stored_result(run, (srv.store / "prefect-results" / Path(run["state"]["data"]["storage_key"]).name)
+                          .read_bytes())["build_id"] == build.name
     # every measurement went through the device's global concurrency limit, created on first use
     limit = srv.get("/v2/concurrency_limits/device:local")
     assert limit["limit"] == 2 and limit["active_slots"] == 0
@@ -124,8 +129,8 @@ def test_compile_deployment_persists_its_result_in_the_runs_s3_store(s3):
     assert s3.fs().exists(f"{store[5:]}/builds/mnist_cnn/local/{report['build_id']}/manifest.json")
     logs = srv.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}})
     assert logs  # the run logged, so the check below looks at something
-    raw = s3.fs().cat(stored[0])  # the record: JSON metadata around the base64 pickle of the report
-    assert ResultRecord.deserialize(raw).result == report
+    raw = s3.fs().cat(stored[0])
+    assert _stored_result(run, raw) == report
     seen = [raw.decode(), json.dumps(report, default=str), json.dumps(block), json.dumps(logs),
             json.dumps(srv.artifacts(run_id)), json.dumps(run)]
     for secret in (s3.secret_key, s3.access_key):
