@@ -157,13 +157,17 @@ def _weight_2d(call, kind: str) -> np.ndarray:
     return w.reshape(w.shape[0], -1) if kind == "conv2d" else w.T
 
 
-def _eligible(call, kind: str) -> str | None:
-    """Why a layer cannot be packed, or None."""
+def _is_int8_layer(call) -> bool:
+    """conv2d / matmul (not linear: its weight is [N, K]) of 8-bit x into int32."""
+    return (call.op.name in ("relax.nn.conv2d", "relax.matmul") and str(call.ty.dtype) == "int32"
+            and str(call.args[0].ty.dtype) in ("uint8", "int8"))
+
+
+def _why_not_packed(call, kind: str) -> str | None:
+    """Why an int8 layer cannot be packed, or None."""
     import tvm
 
     x, w = call.args[0], call.args[1]
-    if str(call.ty.dtype) != "int32" or str(x.ty.dtype) not in ("uint8", "int8"):
-        return "not an 8-bit layer with int32 output"
     if not isinstance(w, tvm.ir.Constant) or str(w.ty.dtype) != "int8":
         return "weight is not an int8 constant"
     try:
@@ -194,13 +198,14 @@ def pack_int8_layers(mod, target):
     packed: list[str] = []
 
     def handler(bb, layer, call):
-        why = _eligible(call, layer.kind)
+        if not _is_int8_layer(call):
+            return None
+        why = _why_not_packed(call, layer.kind)
         w2d = None if why else _weight_2d(call, layer.kind)
         if why is None and intrin.saturates and not pairs_never_saturate(w2d):
             why = f"int8 weight pairs may saturate {intrin.name} (use 7-bit weights: reduce_range)"
         if why:
-            if why != "not an 8-bit layer with int32 output":
-                log.info("int8 layer %s not packed: %s", layer.name, why)
+            log.info("int8 layer %s not packed: %s", layer.name, why)
             return None
         packed.append(layer.name)
         return _packed_layer(bb, call, layer.kind, w2d, intrin)
