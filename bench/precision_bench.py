@@ -80,6 +80,8 @@ def _tune_and_build(prepared, target, trials: int, work_dir: Path):
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
+    from tasks.build import compile_module
+    from tasks.devices import DeviceProfile
     from tasks.extract import allocate_trials, extract_tasks
     from tasks.int8_isa import space_for
     from tasks.pick_best import open_db
@@ -100,8 +102,10 @@ def _tune_and_build(prepared, target, trials: int, work_dir: Path):
                       runner=runner, database=db, cost_model=ms.cost_model.XGBModel(num_tuning_cores=2))
         print(f"  tuned {t.name}: {t.trials} trials, {time.time() - start:.0f} s", flush=True)
     tune_s = time.time() - start
-    with target:
-        ex = ms.relax_integration.compile_relax(db, prepared, target, params=None)
+    # the flow's build: the database, then the default CPU schedule for kernels without a record
+    device = DeviceProfile("bench", {"kind": "llvm", "mcpu": str(target.attrs["mcpu"]),
+                                     "num-cores": int(target.attrs["num-cores"])}, "bench")
+    ex = compile_module(prepared, device, work_dir if trials > 0 else None)
     return ex, tune_s, db
 
 
