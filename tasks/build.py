@@ -15,13 +15,14 @@ def compile_module(prepared_mod, device: DeviceProfile, db_dir: str | Path | Non
     from tvm.s_tir import meta_schedule as ms
 
     from tasks.cpu_fallback import apply_cpu_fallback
+    from tasks.int8_isa import apply_packed_gemm_default  # untuned packed int8 GEMMs: the intrinsic anyway
     from tasks.pick_best import has_db, open_db
 
     target = device.tvm_target()
     database = open_db(db_dir) if db_dir and has_db(db_dir) else ms.database.MemoryDatabase()
     with target, database, tvm.transform.PassContext(opt_level=3):
         tuned = MetaScheduleApplyDatabase()(prepared_mod)
-    scheduled = apply_cpu_fallback(tuned, target)
+    scheduled = apply_cpu_fallback(apply_packed_gemm_default(tuned, target), target)
     with target:
         return ms.relax_integration.compile_relax(database, scheduled, target, params=None)
 

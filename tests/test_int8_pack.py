@@ -165,15 +165,18 @@ def test_cross_build_for_vnni_uses_vpdpbusd():
 
 def test_tuned_packed_kernel_is_applied_by_the_build(tmp_path, local_workers, prefect_harness):
     """Tune the packed GEMM through tune_task (RPC workers), keep it through pick_best's check
-    against the default lowering, build with tasks.build: vpmaddubsw in the library, and the
-    module's output still bit-exact against the unpacked layer."""
+    against the default lowering, build with tasks.build: the kernel in the build is the tuned
+    record's schedule, with vpmaddubsw, and the output is bit-exact against the unpacked layer.
+    Without a record the GEMM gets int8_isa's fixed tensorized schedule, also exact."""
     import tvm
-    from tvm import relax
+    from tvm import relax, s_tir
+    from tvm.relax.transform import MetaScheduleApplyDatabase
+    from tvm_ffi.structural import structural_equal
 
     from tasks.build import compile_module
     from tasks.devices import get_device
     from tasks.int8_isa import assembly, instruction_counts
-    from tasks.pick_best import merge_databases
+    from tasks.pick_best import merge_databases, open_db
     from tasks.tune import tune_task
 
     device = get_device("local")
@@ -183,10 +186,21 @@ def test_tuned_packed_kernel_is_applied_by_the_build(tmp_path, local_workers, pr
                        "local", servers=2)
     assert result.error is None and result.valid > 0, result.error
     assert merge_databases([tmp_path / "work"], tmp_path / "db", verify_target=device.target) == 1
-    untuned, tuned = compile_module(prepared, device, None), compile_module(prepared, device, tmp_path / "db")
-    assert instruction_counts(assembly(untuned))["vpmaddubsw"] == 0
-    counts = instruction_counts(assembly(tuned))
-    assert counts["vpmaddubsw"] > 0 and counts["vpmaddwd"] > 0, counts
+
+    db = open_db(tmp_path / "db")
+    record = db.get_all_tuning_records()[0]
+    sch = s_tir.Schedule(record.workload.mod)
+    record.trace.apply_to_schedule(sch, remove_postproc=False)
+    with device.tvm_target(), db, tvm.transform.PassContext(opt_level=3):
+        applied = MetaScheduleApplyDatabase()(prepared)
+    kernels = [f for gv, f in applied.functions.items() if gv.name_hint == gemm.name]
+    assert len(kernels) == 1 and structural_equal(kernels[0].body, sch.mod["main"].body)
+
     x = _input(np.random.default_rng(4), (1, 16, 14, 14), "int8")
-    got = relax.VirtualMachine(tuned, tvm.cpu())["main"](tvm.runtime.tensor(x))
-    assert np.array_equal(got[0].numpy(), _run(mod, x)[0])
+    want = _run(mod, x)[0]
+    for db_dir in (tmp_path / "db", None):
+        built = compile_module(prepared, device, db_dir)
+        counts = instruction_counts(assembly(built))
+        assert counts["vpmaddubsw"] > 0 and counts["vpmaddwd"] > 0, (db_dir, counts)
+        got = relax.VirtualMachine(built, tvm.cpu())["main"](tvm.runtime.tensor(x))
+        assert np.array_equal(got[0].numpy(), want)
