@@ -23,6 +23,7 @@ DOT_INSTRUCTIONS = ("vpdpbusd", "vpdpbusds", "vpmaddubsw", "vpmaddwd", "vpmulld"
 AVX2_DOT_8x4_INTRIN = "dot_8x4_avx2"
 VNNI_DOT_16x4_INTRIN = "dot_16x4_vnni_tvmflow"  # = TVM's dot_16x4_vnni (see the module docstring)
 PACKED_GEMM_BLOCK = "int8_packed_gemm"  # tasks.int8_pack names its GEMM block so; tune.py looks for it
+IM2COL_BLOCK = "im2col"  # and its activation gather so (apply_packed_gemm_default schedules it)
 
 
 @dataclass(frozen=True)
@@ -172,12 +173,14 @@ def space_for(mod, target):
 
 
 def apply_packed_gemm_default(mod, target):
-    """`mod` with each packed int8 GEMM kernel that no tuning record scheduled given a fixed
-    tensorized schedule (rows of 4 x 2 lane blocks, parallel rows, the target's intrinsic), no
-    measurement. Run before tasks.cpu_fallback: its generic schedule cannot use the intrinsic,
-    and at small budgets most GEMMs get no trials (ResNet-18 at 64: 4 tasks). Measured on the 3x3
-    64->64 conv at 56x56 (3136x576x64): 2.6 ms, against 1.3-1.7 ms tuned (32 trials). Other blocks
-    of such a kernel (a fused epilogue) stay as they are."""
+    """`mod` with the int8_pack kernels that no tuning record scheduled given fixed schedules, no
+    measurement; run before tasks.cpu_fallback, whose generic schedule cannot use the intrinsic
+    and gathers badly. At small budgets most of them get no trials (ResNet-18 at 64: 4 tasks).
+    - packed GEMM: rows of 4 x 2 lane blocks, parallel rows, the target's intrinsic. 3x3 64->64
+      conv at 56x56 (3136x576x64): 2.6 ms, against 1.3-1.7 ms tuned (32 trials). Other blocks
+      of such a kernel (a fused epilogue) stay as they are.
+    - im2col (a byte gather, no FLOPs, so never allotted trials): parallel (N, OH), unrolled taps.
+      Same conv: 0.7 ms (machine loaded), against 4.1 ms with the generic fallback."""
     import tvm
     from tvm.s_tir import dlight as dl
 
@@ -185,17 +188,35 @@ def apply_packed_gemm_default(mod, target):
     if intrin is None:
         return mod
 
-    class PackedGemm(dl.base.ScheduleRule):
+    class Int8Kernels(dl.base.ScheduleRule):
         def apply(self, func, _target, _tunable):
-            if not isinstance(func, tvm.tirx.PrimFunc) or not has_packed_gemm(tvm.IRModule({"main": func})):
+            if not isinstance(func, tvm.tirx.PrimFunc):
                 return None
             try:
-                return _fixed_schedule(func, intrin)
-            except Exception:  # noqa: BLE001 - a shape the fixed schedule does not fit: the fallback's turn
+                if has_packed_gemm(tvm.IRModule({"main": func})):
+                    return _fixed_schedule(func, intrin)
+                return _im2col_schedule(func)
+            except Exception:  # noqa: BLE001 - a kernel the fixed schedules do not fit: the fallback's turn
                 return None
 
     with tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target:
-        return dl.ApplyDefaultSchedule(PackedGemm())(mod)
+        return dl.ApplyDefaultSchedule(Int8Kernels())(mod)
+
+
+def _im2col_schedule(func):
+    """int8_pack's 6-D im2col alone in its kernel (it is opaque to fusion), else None."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock(IM2COL_BLOCK)  # raises where there is none
+    loops = sch.get_loops(block)
+    if len(loops) != 6 or len(sch.get_child_blocks(sch.get_sblock("root"))) != 1:
+        return None
+    n, oh, _ow, _c, kh, kw = loops
+    sch.parallel(sch.fuse(n, oh))
+    sch.unroll(kh)
+    sch.unroll(kw)
+    return sch
 
 
 def _fixed_schedule(func, intrin: DotIntrin):

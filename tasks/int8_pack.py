@@ -36,7 +36,7 @@ import logging
 
 import numpy as np
 
-from tasks.int8_isa import PACKED_GEMM_BLOCK, DotIntrin, dot_intrin_for
+from tasks.int8_isa import IM2COL_BLOCK, PACKED_GEMM_BLOCK, DotIntrin, dot_intrin_for
 
 log = logging.getLogger("tvmflow.int8_pack")
 SHIFT = 128  # int8 -> uint8 activation offset
@@ -100,7 +100,7 @@ def _im2col(x, kernel, strides, dilation, k_pad, shift):
         return _as_u8(x[b, ci, y_out * sh + i * dh, x_out * sw + j * dw], shift)
 
     if k_pad == k:
-        return te.compute((n, oh, ow, c, kh, kw), tap, name="im2col")
+        return te.compute((n, oh, ow, c, kh, kw), tap, name=IM2COL_BLOCK)
 
     def flat(m, kk):
         kc = te.min(kk, k - 1)
@@ -108,7 +108,7 @@ def _im2col(x, kernel, strides, dilation, k_pad, shift):
         value = tap(m // (oh * ow), rest // ow, rest % ow, kc // (kh * kw), kc % (kh * kw) // kw, kc % kw)
         return te.if_then_else(kk < k, value, te.const(0, "uint8"))
 
-    return te.compute((n * oh * ow, k_pad), flat, name="im2col")
+    return te.compute((n * oh * ow, k_pad), flat, name=IM2COL_BLOCK)
 
 
 def _rows(x, k_pad, shift):

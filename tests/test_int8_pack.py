@@ -140,6 +140,35 @@ def _gemm_task(target, x_dtype="uint8"):
     return mod, prepared, tasks, next(t for t in tasks if "int8_gemm" in t.name)
 
 
+@pytest.mark.parametrize("x_dtype", ["uint8", "int8"])
+def test_untuned_build_gets_fixed_int8_schedules(x_dtype):
+    """No tuning record: tasks.build gives the packed GEMM the fixed tensorized schedule and the
+    im2col gather its parallel one (int8_isa.apply_packed_gemm_default); still bit-exact."""
+    import tvm
+    from tvm import relax
+
+    from tasks.build import compile_module
+    from tasks.devices import get_device
+    from tasks.extract import prepare_for_tuning
+    from tasks.int8_isa import apply_packed_gemm_default, assembly, instruction_counts
+
+    device = get_device("local")
+    rng = np.random.default_rng(5)
+    mod = _module([("conv", _weights(rng, (24, 16, 3, 3)), 2, 1, 1), ("conv", _weights(rng, (8, 16, 1, 1)), 1, 0, 1)],
+                  (1, 16, 15, 15), x_dtype)
+    prepared = prepare_for_tuning(mod, device.tvm_target())
+    scheduled = apply_packed_gemm_default(prepared, device.tvm_target())
+    kernels = {gv.name_hint: f for gv, f in scheduled.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    int8_kernels = [n for n in kernels if "int8_gemm" in n or "int8_im2col" in n]
+    assert len(int8_kernels) == 4 and all(kernels[n].attrs.get("tirx.is_scheduled") for n in int8_kernels)
+    built = compile_module(prepared, device, None)
+    assert instruction_counts(assembly(built))["vpmaddubsw"] > 0
+    x = _input(rng, (1, 16, 15, 15), x_dtype)
+    got = relax.VirtualMachine(built, tvm.cpu())["main"](tvm.runtime.tensor(x))
+    for i, want in enumerate(_run(mod, x)):
+        assert np.array_equal(got[i].numpy(), want)
+
+
 def test_cross_build_for_vnni_uses_vpdpbusd():
     """The tensorize space with the cascadelake intrinsic: every design space builds (for that CPU;
     assembly only) and uses vpdpbusd; the other kernels of the module get the default space."""
