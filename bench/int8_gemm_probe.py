@@ -68,12 +68,13 @@ def main(trials: int = 32) -> dict:
     return out
 
 
-# ResNet-18's heaviest conv shapes: (C, O, H, W, kernel, stride, padding)
-LAYERS = {"conv3x3_64_56": (64, 64, 56, 56, 3, 1, 1), "conv3x3_256_14": (256, 256, 14, 14, 3, 1, 1),
-          "conv1x1_128_256_s2": (128, 256, 28, 28, 1, 2, 0)}
+# ResNet-18's heaviest conv shapes, and an EfficientNet-Lite0 depthwise one (left unpacked):
+# (C, O, H, W, kernel, stride, padding, groups)
+LAYERS = {"conv3x3_64_56": (64, 64, 56, 56, 3, 1, 1, 1), "conv3x3_256_14": (256, 256, 14, 14, 3, 1, 1, 1),
+          "conv1x1_128_256_s2": (128, 256, 28, 28, 1, 2, 0, 1), "dw3x3_144_56": (144, 144, 56, 56, 3, 1, 1, 144)}
 
 
-def _conv_relu(c, o, h, w, k, stride, pad):
+def _conv_relu(c, o, h, w, k, stride, pad, groups):
     """fp32 Relax module: relu(conv2d(x, W) + b), seeded weights."""
     from tvm import relax
 
@@ -82,8 +83,8 @@ def _conv_relu(c, o, h, w, k, stride, pad):
     x = relax.Var("x", relax.TensorType((1, c, h, w), "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(x, relax.const(rng.normal(0, 0.05, (o, c, k, k)).astype("float32")),
-                                           strides=stride, padding=pad))
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(rng.normal(0, 0.05, (o, c // groups, k, k)).astype("float32")),
+                                           strides=stride, padding=pad, groups=groups))
             y = bb.emit(relax.op.nn.relu(relax.op.add(y, relax.const(rng.normal(0, 0.1, (1, o, 1, 1)).astype("float32")))))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
@@ -105,10 +106,10 @@ def layers(trials: int, names: list[str]) -> dict:
                                 "num-cores": int(os.environ.get("TVM_NUM_THREADS", "2"))})
     out = {"trials": trials, "target": str(target), "load_avg_at_start": os.getloadavg()}
     for name in names:
-        c, o, h, w, k, stride, pad = LAYERS[name]
-        mod = _conv_relu(c, o, h, w, k, stride, pad)
+        c, o, h, w, k, stride, pad, groups = LAYERS[name]
+        mod = _conv_relu(c, o, h, w, k, stride, pad, groups)
         oh = (h + 2 * pad - k) // stride + 1
-        macs = o * oh * oh * c * k * k
+        macs = o * oh * oh * (c // groups) * k * k
         x = np.abs(np.random.default_rng(1).normal(0, 1, (1, c, h, w))).astype("float32")  # post-ReLU input
         qmod, _ = quantize_model(mod, {"conv2d_0": (0.0, float(x.max()))},
                                  QuantConfig(keep_float=[], reduce_range=weights_need_7_bits(target)))
