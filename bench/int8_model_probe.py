@@ -3,28 +3,25 @@
 where the time goes (TVM 0.27's Relax VM has no per-op profiler). Same setup as
 bench/on_device_cpu.py; usage: python3 bench/int8_model_probe.py TRIALS.
 Results: bench/results/int8_resnet18_xeon.json."""
-import os, sys, time, json, tempfile
-sys.path.insert(0, ".")
-import numpy as np
-import tasks.datasets as datasets
-datasets._imagenet_photos = lambda size=224: np.load(os.environ.get("PHOTOS_NPY", ".scratch/photos.npy"))
-from tvm.s_tir import meta_schedule as ms
-_LB = ms.builder.LocalBuilder
-class ManyBuilders(_LB):
-    def __init__(self, *a, **k):
-        k["max_workers"] = os.cpu_count(); super().__init__(*a, **k)
-ms.builder.LocalBuilder = ManyBuilders
-import runpy
-pb = runpy.run_path("bench/precision_bench.py")
-import tvm
-from tvm import relax
-from pathlib import Path
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, "bench")
+from on_device_cpu import setup_lent_cpu  # noqa: E402
+
+pb = setup_lent_cpu()
+from pathlib import Path  # noqa: E402
+
+import tvm  # noqa: E402
+
 from tasks.calibrate import calibrate
 from tasks.datasets import load_dataset
 from tasks.extract import prepare_for_tuning
 from tasks.quantize import QuantConfig, quantize_model, weights_need_7_bits
 trials = int(sys.argv[1])
-target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 16})
+target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count()})
 mod, specs, pt2 = pb["_import"]("tasks.bundled:resnet18")
 names = [s.name for s in specs]
 photos = load_dataset("bundled:imagenet-photos", specs)
