@@ -45,7 +45,8 @@ def compile_once(model: str, store: str, trials: int, env: dict, log: Path) -> d
     return {"model": model, "wall_s": round(wall, 1), "new_trials": summary.get("trials"),
             "tasks": summary.get("tasks"),
             "reused": reuse.get("reused"), "warm_started": reuse.get("warm_started"), "fresh": reuse.get("fresh"),
-            "latency_ms": summary.get("latency_ms"), "tuning_s": summary.get("tuning_seconds"), "untuned_tasks": len(summary.get("untuned_tasks") or []), "log": str(log)}
+            "latency_ms": summary.get("latency_ms"), "tuning_s": summary.get("tuning_seconds"),
+            "untuned_tasks": len(summary.get("untuned_tasks") or []), "log": str(log)}
 
 
 def main() -> None:
@@ -75,11 +76,16 @@ def main() -> None:
               "load_avg_at_end": os.getloadavg(), "cpus": os.cpu_count(), "runs": runs}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2, default=str))
-    print("| run | wall | new trials | tasks reused / warm / fresh |\n|---|---|---|---|")
-    for r in runs:
-        print(f"| {r['run']} | {r['wall_s']:.0f} s | {r['new_trials']} | "
-              f"{r['reused']} / {r['warm_started']} / {r['fresh']} of {r['tasks']} |")
+    print(table(runs))
 
+
+def table(runs: list[dict]) -> str:
+    lines = ["| run | wall time | tuning time | new trials | tasks reused / warm-started / fresh (of all) "
+             "| tuned latency |", "|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['run']} | {r['wall_s']:.0f} s | {r['tuning_s']:.0f} s | {r['new_trials']} | "
+                     f"{r['reused']} / {r['warm_started']} / {r['fresh']} (of {r['tasks']}) | {r['latency_ms']:.0f} ms |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
