@@ -165,34 +165,6 @@ def _tvm_outputs(vm, dataset, names):
     return outs
 
 
-def _ort_int8(onnx_fp32: Path, dataset, names, out: Path) -> Path:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    pre = out.with_name("pre.onnx")
-    quant_pre_process(str(onnx_fp32), str(pre), skip_symbolic_shape=True)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter([{n: dataset.sample(i)[n] for n in names} for i in range(len(dataset))])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    import onnx
-
-    onnx_names = [i.name for i in onnx.load(str(pre)).graph.input]
-
-    class Renamed(Reader):
-        def get_next(self):
-            item = super().get_next()
-            return None if item is None else {o: item[n] for o, n in zip(onnx_names, names)}
-
-    quantize_static(str(pre), str(out), Renamed(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return out
-
-
 def _ort_run(path: Path, dataset, names):
     import onnxruntime as ort
 
@@ -217,6 +189,7 @@ def model_bench(name: str, trials: int, method: str, work: str | None = None) ->
     from tasks.calibrate import calibrate
     from tasks.datasets import load_dataset
     from tasks.extract import prepare_for_tuning
+    from tasks.qdq import quantize_static_qdq
     from tasks.quantize import QuantConfig, quantize_model, weights_need_7_bits
     from tasks.reference import Reference, export_onnx_for_baseline
 
@@ -234,7 +207,7 @@ def model_bench(name: str, trials: int, method: str, work: str | None = None) ->
     qmod, plan = quantize_model(mod, ranges, QuantConfig(method=method, reduce_range=weights_need_7_bits(target)))
     row["int8_plan"] = {"quantized": len(plan.quantized), "kept_float": [k["name"] for k in plan.kept_float]}
     onnx_fp32 = export_onnx_for_baseline(pt2, work / "fp32.onnx")
-    onnx_int8 = _ort_int8(onnx_fp32, photos, names, work / "int8.onnx")
+    onnx_int8 = quantize_static_qdq(onnx_fp32, photos, work / "int8.onnx")  # per-channel int8 W, uint8 x
     for label, path in (("ort_fp32", onnx_fp32), ("ort_int8_qdq", onnx_int8)):
         latency, outs = _ort_run(path, photos, names)
         top1 = [int(o.argmax()) for o in outs]
