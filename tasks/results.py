@@ -66,7 +66,6 @@ def with_store_results(flow_, store: str):
     return run
 
 
-
 def for_deployment_run(flow_):
     """The flow a worker runs for a deployment entrypoint, persisting into the run's own store.
 
