@@ -1,12 +1,12 @@
 """Benchmark one model: compile it with a trial budget, then time TVM (tuned and untuned),
 onnxruntime and torch on the same input, in one process, and write a JSON result.
 
-    python bench/compile_bench.py --model tasks.bundled:efficientnet_lite0 --trials 300 \
+    python bench/compile_bench.py --model tasks.importers.bundled:efficientnet_lite0 --trials 300 \
         --out bench/results/efficientnet_lite0-300.json
 
 It calls the pipeline's plain step functions (tasks.steps), not the Prefect flow, so no Prefect
 server is needed; tuning still goes through a real RPC tracker and rpc servers
-(tasks.workers). Each run uses a fresh TVMFLOW_CACHE unless --cache is given, so nothing is a
+(tasks.devices.workers). Each run uses a fresh TVMFLOW_CACHE unless --cache is given, so nothing is a
 cache hit by accident.
 
 Thread counts: the TVM runtime sizes its thread pool from TVM_NUM_THREADS, and without it
@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tasks.bundled:efficientnet_lite0", help="model URI or package.module:factory")
+    p.add_argument("--model", default="tasks.importers.bundled:efficientnet_lite0", help="model URI or package.module:factory")
     p.add_argument("--trials", type=int, default=300, help="total MetaSchedule trial budget")
     p.add_argument("--out", help="JSON result path (default bench/results/<model>-<trials>.json)")
     p.add_argument("--data", help="dataset URI (default: the model's bundled data, else seeded random)")
@@ -50,7 +50,7 @@ def parse_args(argv=None):
 
 def time_ms(fn, repeat: int, warmup: int = 3) -> dict:
     """Median and p90 wall time of fn() in ms."""
-    from tasks.reference import wall_times_ms
+    from tasks.importers.reference import wall_times_ms
 
     return stats(wall_times_ms(fn, repeat, warmup))
 
@@ -85,7 +85,7 @@ def torch_module(spec: str, source):
 
     import torch
 
-    from tasks.model_import import is_factory
+    from tasks.importers.model_import import is_factory
 
     if is_factory(spec):
         module_name, func_name = spec.split(":")
@@ -138,7 +138,7 @@ def time_onnxruntime(onnx_path: Path, sample: dict, threads: list[int], repeat: 
 
 def start_workers(key: str, servers: int, threads: int, log_dir: Path):
     """A tracker + rpc servers whose TVM runtime uses `threads` threads."""
-    from tasks.workers import start_local_workers
+    from tasks.devices.workers import start_local_workers
 
     return start_local_workers(key, servers, log_dir / f"workers-{threads}t", threads=threads)
 
@@ -242,7 +242,7 @@ def main(argv=None) -> dict:
     os.environ["TVMFLOW_CACHE"] = str(cache_dir)
     os.environ["TVM_NUM_THREADS"] = str(max(threads))  # this process's own TVM runtime (profiling)
     if "PREFECT_API_URL" not in os.environ:
-        # Measurements hold Prefect global-concurrency slots (tasks.capacity): without a server,
+        # Measurements hold Prefect global-concurrency slots (tasks.devices.capacity): without a server,
         # Prefect starts an ephemeral one. Give it its own SQLite (the shared one locks under
         # load), no analytics, and time to start on a busy 2-core machine.
         os.environ.setdefault("PREFECT_HOME", str(cache_dir / "prefect"))
@@ -254,11 +254,11 @@ def main(argv=None) -> dict:
     import tvm
 
     from tasks import steps
-    from tasks.bundled import DEFAULT_DATA
-    from tasks.datasets import load_dataset
-    from tasks.devices import get_device
-    from tasks.reference import export_onnx_for_baseline
-    from tasks.validate import compare, run_on_device
+    from tasks.importers.bundled import DEFAULT_DATA
+    from tasks.importers.datasets import load_dataset
+    from tasks.devices.profiles import get_device
+    from tasks.importers.reference import export_onnx_for_baseline
+    from tasks.devices.validate import compare, run_on_device
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("tvm.s_tir.meta_schedule", "tvm"):

@@ -3,7 +3,7 @@ and torch.compile fp16, same input, batch 1 and 16, plus fp16-vs-fp32 accuracy.
 
 Runs on the lent GPU machine with only the carried wheels (TVM, tvm-ffi, xgboost, tornado, the
 EfficientNet weight packages): no Prefect, no server. It calls the pipeline's task functions
-(tasks.model_import, tasks.extract, tasks.pick_best, tasks.validate.compare) and tasks.gpu.
+(tasks.importers.model_import, tasks.tuning.extract, tasks.tuning.pick_best, tasks.devices.validate.compare) and tasks.build.gpu.
 
     python3 bench/gpu_bench.py --phase tune --db /root/gpudb --tune-minutes 8 --out $OUT
     python3 bench/gpu_bench.py --phase measure --db /root/gpudb --out $OUT
@@ -12,7 +12,7 @@ EfficientNet weight packages): no Prefect, no server. It calls the pipeline's ta
 format the CPU flow publishes, plus tune_state.json with the trials per workload) is copied to
 --out after each task, carried back here, and passed with --seed-db to the next call, so several
 10-minute device calls add up to one long tune. `measure` keeps a tuned record only where it
-beats DLight's default for its kernel (tasks.gpu.keep_winners), then times every path in one
+beats DLight's default for its kernel (tasks.build.gpu.keep_winners), then times every path in one
 process on the same input.
 """
 from __future__ import annotations
@@ -34,12 +34,12 @@ import tvm.s_tir.tensor_intrin  # noqa: E402,F401 - before torch.export fills sy
 import numpy as np  # noqa: E402
 
 from tasks import gpu  # noqa: E402
-from tasks.extract import allocate_trials, extract_tasks  # noqa: E402
-from tasks.model_import import InputSpec, export_factory, import_pt2  # noqa: E402
-from tasks.pick_best import DB_FILES, has_db, open_db  # noqa: E402
-from tasks.validate import compare  # noqa: E402
+from tasks.tuning.extract import allocate_trials, extract_tasks  # noqa: E402
+from tasks.importers.model_import import InputSpec, export_factory, import_pt2  # noqa: E402
+from tasks.tuning.pick_best import DB_FILES, has_db, open_db  # noqa: E402
+from tasks.devices.validate import compare  # noqa: E402
 
-MODELS = {"resnet18": "tasks.bundled:resnet18", "efficientnet_lite0": "tasks.bundled:efficientnet_lite0"}
+MODELS = {"resnet18": "tasks.importers.bundled:resnet18", "efficientnet_lite0": "tasks.importers.bundled:efficientnet_lite0"}
 T0 = time.monotonic()
 
 
@@ -71,7 +71,7 @@ def parse_args(argv=None):
 
 def photo_batch(batch: int) -> np.ndarray:
     """The bundled photos and their flips: `batch` real images, the same for every path."""
-    from tasks.datasets import _imagenet_photos
+    from tasks.importers.datasets import _imagenet_photos
 
     photos = _imagenet_photos()[:, 0]
     views = [photos, photos[..., ::-1], photos[..., ::-1, :], photos[..., ::-1, ::-1]]
@@ -145,10 +145,10 @@ def tune_queue(args, target, cache: Path) -> list:
 
 def merged_db(dbs: list, dest: Path) -> Path:
     """Several tuning processes (one per batch size, run side by side) each keep their own
-    database; tasks.pick_best.merge_databases joins them, best record per workload."""
+    database; tasks.tuning.pick_best.merge_databases joins them, best record per workload."""
     if len(dbs) == 1:
         return dbs[0]
-    from tasks.pick_best import merge_databases
+    from tasks.tuning.pick_best import merge_databases
 
     dest.mkdir(parents=True, exist_ok=True)
     merge_databases([d for d in dbs if has_db(d)], dest)
@@ -245,7 +245,7 @@ def accuracy(got: np.ndarray, want: np.ndarray) -> dict:
 def run_measure(args, target, cache: Path, out: Path, dump) -> dict:
     import torch
 
-    from tasks.bundled import efficientnet_lite0, resnet18  # noqa: F401 - factories below
+    from tasks.importers.bundled import efficientnet_lite0, resnet18  # noqa: F401 - factories below
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -256,7 +256,7 @@ def run_measure(args, target, cache: Path, out: Path, dump) -> dict:
     tuned_db = open_db(kept_dir) if decisions else None
     rows, acc = [], []
     for name in args.models.split(","):
-        module, _ = __import__("tasks.bundled", fromlist=[name]).__dict__[name]()
+        module, _ = __import__("tasks.importers.bundled", fromlist=[name]).__dict__[name]()
         for batch in map(int, args.batches.split(",")):
             x = photo_batch(batch)
             res = {"model": name, "batch": batch}

@@ -1,9 +1,9 @@
 """Probe: MetaSchedule tuning an int8 GEMM (a 3x3x64->256 conv as im2col, 14x14 output) with our
-dot_8x4_avx2 tensorize rule (tasks.int8_isa.tensorize_space), against fp32 with MetaSchedule's
+dot_8x4_avx2 tensorize rule (tasks.build.int8_isa.tensorize_space), against fp32 with MetaSchedule's
 default rules, same trials. Prints instruction counts, exactness and latency (this host).
 
 `layers`: whole ResNet-18 conv layers (conv + ReLU) through the real path, fp32 against int8
-(tasks.quantize -> tasks.extract.prepare_for_tuning, which packs them with tasks.int8_pack),
+(tasks.precision.quantize -> tasks.tuning.extract.prepare_for_tuning, which packs them with tasks.build.int8_pack),
 tuned like the flow with the same trial budget (bench/precision_bench._tune_and_build):
     .venv/bin/python bench/int8_gemm_probe.py layers 64
 Results: bench/results/int8_layers.json (the GEMM probe: int8_gemm_probe.json)."""
@@ -25,8 +25,8 @@ def main(trials: int = 32) -> dict:
     from tvm import te
     from tvm.s_tir import meta_schedule as ms
 
-    from tasks.int8_isa import instruction_counts, tensorize_space
-    from tasks.tune import lean_build
+    from tasks.build.int8_isa import instruction_counts, tensorize_space
+    from tasks.tuning.tune import lean_build
 
     m, n, k = 196, 256, 576
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
@@ -97,10 +97,10 @@ def layers(trials: int, names: list[str]) -> dict:
     import tvm
 
     from bench.precision_bench import _tune_and_build, _tvm_latency, kernel_ms
-    from tasks.extract import prepare_for_tuning
-    from tasks.int8_isa import assembly, instruction_counts
-    from tasks.layers import host_runner
-    from tasks.quantize import QuantConfig, quantize_model, weights_need_7_bits
+    from tasks.tuning.extract import prepare_for_tuning
+    from tasks.build.int8_isa import assembly, instruction_counts
+    from tasks.precision.layers import host_runner
+    from tasks.precision.quantize import QuantConfig, quantize_model, weights_need_7_bits
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": os.environ.get("PROBE_MCPU", tvm.target.codegen.llvm_get_system_cpu()),
                                 "num-cores": int(os.environ.get("TVM_NUM_THREADS", "2"))})
@@ -122,7 +122,7 @@ def layers(trials: int, names: list[str]) -> dict:
             latency, vm = _tvm_latency(ex, {"x": x}, ["x"])
             got = vm["main"](tvm.runtime.tensor(x)).numpy()
             want = host_runner(relax_mod)({"x": x})[0]  # default lowering, unpacked
-            # int8: the int32 GEMM is exact (tests/test_int8_pack.py); the float epilogue may differ
+            # int8: the int32 GEMM is exact (tests/build/test_int8_pack.py); the float epilogue may differ
             # in the last bit where a tuned kernel contracts multiply + add into an FMA
             row[label] = {"trials": trials, "load_avg_1_5_15": os.getloadavg(), "latency_ms": latency, "gops": 2 * macs / latency / 1e6, "tuning_seconds": round(tune_s, 1),
                           "max_abs_diff_vs_default_lowering": float(np.max(np.abs(got - want))),

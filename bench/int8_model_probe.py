@@ -16,13 +16,13 @@ from pathlib import Path  # noqa: E402
 
 import tvm  # noqa: E402
 
-from tasks.calibrate import calibrate
-from tasks.datasets import load_dataset
-from tasks.extract import prepare_for_tuning
-from tasks.quantize import QuantConfig, quantize_model, weights_need_7_bits
+from tasks.precision.calibrate import calibrate
+from tasks.importers.datasets import load_dataset
+from tasks.tuning.extract import prepare_for_tuning
+from tasks.precision.quantize import QuantConfig, quantize_model, weights_need_7_bits
 trials = int(sys.argv[1])
 target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count()})
-mod, specs, pt2 = pb["_import"]("tasks.bundled:resnet18")
+mod, specs, pt2 = pb["_import"]("tasks.importers.bundled:resnet18")
 names = [s.name for s in specs]
 photos = load_dataset("bundled:imagenet-photos", specs)
 ranges = calibrate(mod, photos, "percentile")

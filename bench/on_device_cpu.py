@@ -2,7 +2,7 @@
 the CPU the int8 issue asks for; this VM has AVX2 only).
 
 There: no skimage, so the bundled photos come from a carried .npy (PHOTOS_NPY, made here with
-tasks.datasets._imagenet_photos); MetaSchedule builds on all cores (the bench's 1 builder suits
+tasks.importers.datasets._imagenet_photos); MetaSchedule builds on all cores (the bench's 1 builder suits
 the shared 2-core VM). Install TVM there first (bench/gpu_device.sh, see ../shared/gpu-device.md):
     bash bench/gpu_device.sh; PYTHONPATH=/root/site:$PWD TVM_NUM_THREADS=16 \
         python3 bench/on_device_cpu.py models --models resnet18 --trials 64
@@ -19,7 +19,7 @@ def setup_lent_cpu() -> dict:
     import numpy as np
     from tvm.s_tir import meta_schedule as ms
 
-    import tasks.datasets as datasets
+    import tasks.importers.datasets as datasets
 
     datasets._imagenet_photos = lambda size=224: np.load(os.environ.get("PHOTOS_NPY", ".scratch/photos.npy"))
     base = ms.builder.LocalBuilder

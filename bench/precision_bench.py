@@ -37,7 +37,7 @@ def _save(part: str, value) -> None:
 
 def _import(factory: str):
     """(Relax module, input specs, .pt2 path) of a bundled factory."""
-    from tasks.model_import import export_factory, import_pt2
+    from tasks.importers.model_import import export_factory, import_pt2
 
     pt2 = export_factory(factory, Path(tempfile.mkdtemp()) / "model.pt2")
     imported = import_pt2(pt2)
@@ -45,12 +45,12 @@ def _import(factory: str):
 
 
 def mnist(cal: str, val: str, method: str) -> dict:
-    from tasks.calibrate import calibrate
-    from tasks.datasets import load_dataset
-    from tasks.layers import host_runner
-    from tasks.quantize import QuantConfig, quantize_model
+    from tasks.precision.calibrate import calibrate
+    from tasks.importers.datasets import load_dataset
+    from tasks.precision.layers import host_runner
+    from tasks.precision.quantize import QuantConfig, quantize_model
 
-    mod, specs, _ = _import("tasks.bundled:mnist_cnn")
+    mod, specs, _ = _import("tasks.importers.bundled:mnist_cnn")
     cal_data, val_data = load_dataset(cal, specs), load_dataset(val, specs)
     start = time.time()
     ranges = calibrate(mod, cal_data, method)
@@ -75,17 +75,17 @@ def mnist(cal: str, val: str, method: str) -> dict:
 
 def _tune_and_build(prepared, target, trials: int, work_dir: Path):
     """Tune like the flow: every task its own search with its share of the trials
-    (tasks.extract.allocate_trials) and the flow's space (tasks.int8_isa.space_for: packed int8
+    (tasks.tuning.extract.allocate_trials) and the flow's space (tasks.build.int8_isa.space_for: packed int8
     GEMMs get the tensorize space), one database; measured here by a LocalRunner (no tracker)."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    from tasks.build import compile_module
-    from tasks.devices import DeviceProfile
-    from tasks.extract import allocate_trials, extract_tasks
-    from tasks.int8_isa import space_for
-    from tasks.pick_best import has_db, open_db
-    from tasks.tune import lean_build
+    from tasks.build.compile import compile_module
+    from tasks.devices.profiles import DeviceProfile
+    from tasks.tuning.extract import allocate_trials, extract_tasks
+    from tasks.build.int8_isa import space_for
+    from tasks.tuning.pick_best import has_db, open_db
+    from tasks.tuning.tune import lean_build
 
     start = time.time()
     reuse = has_db(work_dir)  # a database from an earlier run of this bench (--work): build from it
@@ -114,7 +114,7 @@ def kernel_ms(db, prepared, target) -> dict:
     """Best measured time (ms) of each tuned kernel of `prepared`, by task name."""
     import tvm
 
-    from tasks.extract import extract_tasks
+    from tasks.tuning.extract import extract_tasks
 
     best = {}
     for t in extract_tasks(prepared, target):
@@ -132,7 +132,7 @@ def _isa(ex, prepared, db) -> dict:
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    from tasks.int8_isa import assembly, instruction_counts
+    from tasks.build.int8_isa import assembly, instruction_counts
 
     vnni = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
     with vnni:
@@ -168,7 +168,7 @@ def _tvm_outputs(vm, dataset, names):
 def _ort_run(path: Path, dataset, names):
     import onnxruntime as ort
 
-    from tasks.reference import _median_ms
+    from tasks.importers.reference import _median_ms
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -186,14 +186,14 @@ def model_bench(name: str, trials: int, method: str, work: str | None = None) ->
     round's median kept): the host is shared and its load moves within minutes."""
     import tvm
 
-    from tasks.calibrate import calibrate
-    from tasks.datasets import load_dataset
-    from tasks.extract import prepare_for_tuning
-    from tasks.qdq import quantize_static_qdq
-    from tasks.quantize import QuantConfig, quantize_model, weights_need_7_bits
-    from tasks.reference import Reference, export_onnx_for_baseline
+    from tasks.precision.calibrate import calibrate
+    from tasks.importers.datasets import load_dataset
+    from tasks.tuning.extract import prepare_for_tuning
+    from tasks.precision.qdq import quantize_static_qdq
+    from tasks.precision.quantize import QuantConfig, quantize_model, weights_need_7_bits
+    from tasks.importers.reference import Reference, export_onnx_for_baseline
 
-    mod, specs, pt2 = _import(f"tasks.bundled:{name}")
+    mod, specs, pt2 = _import(f"tasks.importers.bundled:{name}")
     names = [s.name for s in specs]
     photos = load_dataset("bundled:imagenet-photos", specs)
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),

@@ -1,4 +1,4 @@
-"""Pre-quantized QDQ models (onnxruntime quantize_static) through TVM's integer path (tasks/qdq.py).
+"""Pre-quantized QDQ models (onnxruntime quantize_static) through TVM's integer path (tasks/precision/qdq.py).
 
 - mnist:    the MNIST CNN quantized by onnxruntime (calibrated on digits [0:500]); top-1 accuracy
             on digits [500:5000] of onnxruntime (default session, and graph optimizations off = the
@@ -25,10 +25,10 @@ RESULTS = ROOT / "bench" / "results" / "qdq.json"
 
 def _qdq_model(factory: str, calibration: str, work: Path):
     """(fp32 ONNX, QDQ ONNX, input specs) of a bundled factory, quantized by onnxruntime."""
-    from tasks.datasets import load_dataset
-    from tasks.model_import import export_factory, import_pt2
-    from tasks.qdq import quantize_static_qdq
-    from tasks.reference import export_onnx_for_baseline
+    from tasks.importers.datasets import load_dataset
+    from tasks.importers.model_import import export_factory, import_pt2
+    from tasks.precision.qdq import quantize_static_qdq
+    from tasks.importers.reference import export_onnx_for_baseline
 
     pt2 = export_factory(factory, work / "model.pt2")
     specs = import_pt2(pt2).inputs
@@ -39,10 +39,10 @@ def _qdq_model(factory: str, calibration: str, work: Path):
 def _compare(qdq: Path, specs, data_uri: str) -> dict:
     import onnxruntime as ort
 
-    from tasks.datasets import load_dataset
-    from tasks.layers import host_runner
-    from tasks.model_import import import_onnx
-    from tasks.qdq import prequantized_info
+    from tasks.importers.datasets import load_dataset
+    from tasks.precision.layers import host_runner
+    from tasks.importers.model_import import import_onnx
+    from tasks.precision.qdq import prequantized_info
 
     start = time.time()
     imported = import_onnx(qdq)
@@ -76,14 +76,14 @@ def _compare(qdq: Path, specs, data_uri: str) -> dict:
 
 def mnist() -> dict:
     work = Path(tempfile.mkdtemp(prefix="qdq-mnist-"))
-    _, qdq, specs = _qdq_model("tasks.bundled:mnist_cnn", "bundled:mnist:500:0", work)
+    _, qdq, specs = _qdq_model("tasks.importers.bundled:mnist_cnn", "bundled:mnist:500:0", work)
     return {"calibration": "bundled:mnist:500:0 (onnxruntime quantize_static: QDQ, per-channel int8 weights, uint8 activations)",
             **_compare(qdq, specs, "bundled:mnist:4500:500")}
 
 
 def resnet18() -> dict:
     work = Path(tempfile.mkdtemp(prefix="qdq-resnet18-"))
-    _, qdq, specs = _qdq_model("tasks.bundled:resnet18", "bundled:imagenet-photos", work)
+    _, qdq, specs = _qdq_model("tasks.importers.bundled:resnet18", "bundled:imagenet-photos", work)
     return {"calibration": "bundled:imagenet-photos", **_compare(qdq, specs, "bundled:imagenet-photos")}
 
 

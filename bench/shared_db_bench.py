@@ -61,10 +61,10 @@ def main() -> None:
     shared, alone = server.store("shared"), server.store("alone")
     runs = []
     try:
-        for label, model, store in (("resnet18 first", "tasks.bundled:resnet18", shared),
-                                    ("resnet18 second", "tasks.bundled:resnet18", shared),
-                                    ("resnet34 after resnet18", "tasks.bundled:resnet34", shared),
-                                    ("resnet34 alone", "tasks.bundled:resnet34", alone)):
+        for label, model, store in (("resnet18 first", "tasks.importers.bundled:resnet18", shared),
+                                    ("resnet18 second", "tasks.importers.bundled:resnet18", shared),
+                                    ("resnet34 after resnet18", "tasks.importers.bundled:resnet34", shared),
+                                    ("resnet34 alone", "tasks.importers.bundled:resnet34", alone)):
             print(f"== {label}", flush=True)
             run = {"run": label, **compile_once(model, store, args.trials, env,
                                                 work / (label.replace(" ", "_") + ".log"))}

@@ -30,9 +30,9 @@ HEADER = """\
 
 
 def deployments(fleet: dict) -> list[dict]:
-    from tasks.results import TASK_RESULTS_ENV
+    from tasks.storage.results import TASK_RESULTS_ENV
 
-    # flow results go to <store>/prefect-results (the entrypoints apply tasks.results.for_deployment_run);
+    # flow results go to <store>/prefect-results (the entrypoints apply tasks.storage.results.for_deployment_run);
     # task results stay unpersisted, as in the CLI
     def job() -> dict:  # a fresh dict each time: a shared one would become a YAML anchor
         return {"env": dict(TASK_RESULTS_ENV)}
@@ -42,7 +42,7 @@ def deployments(fleet: dict) -> list[dict]:
         models = list(profile.extra.get("models") or [])
         sched = dict(profile.extra.get("schedule") or {})
         remote = {} if profile.local_workers > 0 else {"tracker": None}  # set in the UI for a real board
-        first = models[0] if models else {"model": "tasks.bundled:efficientnet_lite0"}
+        first = models[0] if models else {"model": "tasks.importers.bundled:efficientnet_lite0"}
         out.append({
             "name": f"compile-{name}",
             "description": f"On-demand compile, tune, validate and publish of one model for {name}.",
@@ -69,7 +69,7 @@ def deployments(fleet: dict) -> list[dict]:
 
 
 def render(fleet_path: str | None = None) -> str:
-    from tasks.devices import load_fleet
+    from tasks.devices.profiles import load_fleet
 
     body = {"name": "tvmflow", "prefect-version": "3.8.8", "deployments": deployments(load_fleet(fleet_path))}
     return HEADER + yaml.safe_dump(body, sort_keys=False, width=110)

@@ -13,7 +13,7 @@ from tasks.errors import TvmflowError
 def _store(uri: str) -> str:
     """Keys embedded in an s3:// URI move to AWS_* for this process: no Prefect parameter, log,
     report or block ever holds them."""
-    from tasks.store import split_credentials
+    from tasks.storage.store import split_credentials
 
     clean, creds = split_credentials(uri)
     if creds:
@@ -22,10 +22,10 @@ def _store(uri: str) -> str:
 
 
 def _precision_options(args) -> dict | None:
-    """--calibration & co. for tasks.precision_step.PrecisionOptions; warns (stderr) when the
+    """--calibration & co. for tasks.precision.stage.PrecisionOptions; warns (stderr) when the
     precision is slower than fp32 on the device (fleet file's `precisions`)."""
-    from tasks.devices import get_device
-    from tasks.precision import check_precision, parse_ops, precision_warning
+    from tasks.devices.profiles import get_device
+    from tasks.precision.policy import check_precision, parse_ops, precision_warning
 
     check_precision(args.precision)
     warning = precision_warning(get_device(args.device), args.precision)
@@ -40,7 +40,7 @@ def _precision_options(args) -> dict | None:
 
 def _compile(args) -> int:
     from flows.compile import compile_flow
-    from tasks.results import with_store_results
+    from tasks.storage.results import with_store_results
 
     args.store = _store(args.store)
     report = with_store_results(compile_flow, args.store)(  # flow result persisted in the store
@@ -80,8 +80,8 @@ def _compile(args) -> int:
 
 
 def _workers(args) -> int:
-    from tasks import workers
-    from tasks.devices import get_device
+    from tasks.devices.profiles import workers
+    from tasks.devices.profiles import get_device
 
     if args.action == "start":
         if workers.load_state():
@@ -115,7 +115,7 @@ def _serve(args) -> int:
 
 
 def _fetch(args) -> int:
-    from tasks.retrieve import fetch_build
+    from tasks.storage.retrieve import fetch_build
 
     got = fetch_build(_store(args.store), args.model, args.device, args.build, args.out)
     print(f"{args.model}/{args.device}/{got.build_id} -> {got.path} ({len(got.files)} files, sha256 verified)")
@@ -123,7 +123,7 @@ def _fetch(args) -> int:
 
 
 def _builds(args) -> int:
-    from tasks.retrieve import list_builds
+    from tasks.storage.retrieve import list_builds
 
     rows = list_builds(_store(args.store), args.model, args.device)
     if args.json:
@@ -144,7 +144,7 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = root.add_subparsers(dest="command", required=True)
     comp = sub.add_parser("compile", help="compile, tune, validate and publish a model")
-    from tasks.bundled import DEFAULT_MODEL
+    from tasks.importers.bundled import DEFAULT_MODEL
 
     comp.add_argument("--model", default=DEFAULT_MODEL, help="path, file://, s3://, http(s):// URI, or package.module:callable")
     comp.add_argument("--device", default="local")

@@ -13,21 +13,25 @@ from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks import cache, steps, tuning_store
-from tasks.bundled import DEFAULT_DATA, DEFAULT_MODEL
-from tasks.datasets import load_dataset
-from tasks.devices import get_device
+from tasks import steps
+
+from tasks.storage import cache
+
+from tasks.tuning import shared_db as tuning_store
+from tasks.importers.bundled import DEFAULT_DATA, DEFAULT_MODEL
+from tasks.importers.datasets import load_dataset
+from tasks.devices.profiles import get_device
 from tasks.errors import TvmflowError
-from tasks.model_import import parse_input_spec
-from tasks.precision import check_precision
-from tasks.precision import precision_warning as slow_precision_warning
-from tasks.precision_step import PrecisionOptions, precision_gate_failure, precision_task
-from tasks.qdq import effective_precision, prequantized_info
-from tasks.publish import build_prefix, new_build_id, publish_build, safe_segment, uri_of
-from tasks.store import check_store
-from tasks.reference import Reference, export_onnx_for_baseline, onnxruntime_latency
+from tasks.importers.model_import import parse_input_spec
+from tasks.precision.policy import check_precision
+from tasks.precision.policy import precision_warning as slow_precision_warning
+from tasks.precision.stage import PrecisionOptions, precision_gate_failure, precision_task
+from tasks.precision.qdq import effective_precision, prequantized_info
+from tasks.storage.publish import build_prefix, new_build_id, publish_build, safe_segment, uri_of
+from tasks.storage.store import check_store
+from tasks.importers.reference import Reference, export_onnx_for_baseline, onnxruntime_latency
 from tasks.report import publish_artifacts, write_report_files
-from tasks.validate import compare, run_on_device
+from tasks.devices.validate import compare, run_on_device
 from tasks.steps import device_workers
 
 from flows.fanout import tune_fanout
@@ -67,7 +71,7 @@ def compile_flow(model: str = DEFAULT_MODEL, device: str = "local", trials: int 
     """Compile, tune, validate and publish one model for one device.
 
     `dask_address` (host:port of a Dask scheduler) runs the tuning fan-out on that cluster.
-    `precision_options` (tasks.precision_step.PrecisionOptions fields): calibration URI, method,
+    `precision_options` (tasks.precision.stage.PrecisionOptions fields): calibration URI, method,
     keep_float, allow/deny lists for fp16/bf16/int8."""
     started = time.monotonic()
     logger = steps._logger()
@@ -82,14 +86,14 @@ def compile_flow(model: str = DEFAULT_MODEL, device: str = "local", trials: int 
     source = steps.fetch_model_task(model, specs_in)
     safe_segment(source.name, "model")
     prepared, specs, prep_key, import_hit = steps.import_task(source, profile, specs_in)
-    prequantized = prequantized_info(prepared)  # a QDQ ONNX model: already int8 (tasks/qdq.py)
+    prequantized = prequantized_info(prepared)  # a QDQ ONNX model: already int8 (tasks/precision/qdq.py)
     precision = effective_precision(precision, prequantized)
     if prequantized:
         logger.info(f"pre-quantized int8 (QDQ) model: {len(prequantized['integer_layers'])} integer layers, "
                     f"{len(prequantized['kept_float'])} float; validated with the int8 gate, no calibration")
     dataset = load_dataset(data or DEFAULT_DATA.get(model), specs)
     lowered = None
-    if precision != "fp32" and not prequantized:  # fp16 / bf16 / calibrated int8 (tasks/precision_step.py)
+    if precision != "fp32" and not prequantized:  # fp16 / bf16 / calibrated int8 (tasks/precision/stage.py)
         lowered = precision_task(source, profile, specs_in, specs, precision, PrecisionOptions(**(precision_options or {})))
         prepared, prep_key = lowered.prepared, lowered.key
     plan = steps.plan_task(prepared, profile, trials)
@@ -161,8 +165,8 @@ def compile_flow(model: str = DEFAULT_MODEL, device: str = "local", trials: int 
 
 if __name__ != "flows.compile":  # loaded by file path (deployment entrypoint flows/compile.py:compile_flow):
     # use the importable module's flow, so Dask workers can unpickle what refers to it;
-    # its result goes to <store>/prefect-results of the run's `store` (tasks/results.py)
+    # its result goes to <store>/prefect-results of the run's `store` (tasks/storage/results.py)
     from flows.compile import compile_flow  # noqa: E402,F401,F811
-    from tasks.results import for_deployment_run  # noqa: E402
+    from tasks.storage.results import for_deployment_run  # noqa: E402
 
     compile_flow = for_deployment_run(compile_flow)

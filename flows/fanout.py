@@ -3,7 +3,7 @@
 Default: the flow's own runner (a thread pool of one: measurements share the device workers). With
 `dask_address`, the tune tasks run on that Dask cluster through prefect-dask's DaskTaskRunner;
 builds of candidates happen on the Dask workers, measurements still go through the RPC tracker
-and the device's global concurrency limit. Databases travel as text (tasks.portable).
+and the device's global concurrency limit. Databases travel as text (tasks.tuning.portable).
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import steps
-from tasks.devices import DeviceProfile
-from tasks.extract import TuningTask
-from tasks.portable import pack_db, unpack_db
+from tasks.devices.profiles import DeviceProfile
+from tasks.tuning.extract import TuningTask
+from tasks.tuning.portable import pack_db, unpack_db
 
 
 @task(name="tune-task", cache_policy=NO_CACHE, task_run_name="tune-{task_.name}")

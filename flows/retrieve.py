@@ -1,4 +1,4 @@
-"""Retrieval flows for Prefect users: list builds, fetch one verified. Thin: tasks/retrieve.py.
+"""Retrieval flows for Prefect users: list builds, fetch one verified. Thin: tasks/storage/retrieve.py.
 
 `tvmflow fetch` / `tvmflow builds` call the same functions without Prefect (a device fetching
 its library needs no API server); these flows give the same thing as Prefect runs, with the
@@ -9,8 +9,8 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import retrieve
-from tasks.results import with_store_results
+from tasks.storage import retrieve
+from tasks.storage.results import with_store_results
 
 list_task = task(retrieve.list_builds, name="list-builds", cache_policy=NO_CACHE)
 fetch_task = task(retrieve.fetch_build, name="fetch-build", cache_policy=NO_CACHE)

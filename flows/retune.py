@@ -61,8 +61,8 @@ def retune_flow(device: str = "local", models: list | None = None, budget: int =
 
 if __name__ != "flows.retune":  # loaded by file path (deployment entrypoint flows/retune.py:retune_flow):
     # use the importable module's flow, so Dask workers can unpickle what refers to it;
-    # its result goes to <store>/prefect-results of the run's `store` (tasks/results.py)
+    # its result goes to <store>/prefect-results of the run's `store` (tasks/storage/results.py)
     from flows.retune import retune_flow  # noqa: E402,F401,F811
-    from tasks.results import for_deployment_run  # noqa: E402
+    from tasks.storage.results import for_deployment_run  # noqa: E402
 
     retune_flow = for_deployment_run(retune_flow)

@@ -43,8 +43,8 @@ def _run(cmd: list[str], env: dict) -> None:
 def serve(port: int = 4200, device: str = "local", servers: int = 2, deploy: bool = True,
           log_dir: str | None = None, ready=None) -> int:
     """Start everything, print where it is, and block until interrupted."""
-    from tasks.devices import get_device
-    from tasks.workers import start_local_workers, stop_group
+    from tasks.devices.profiles import get_device
+    from tasks.devices.workers import start_local_workers, stop_group
 
     profile = get_device(device)
     logs = Path(log_dir or Path.home() / ".tvmflow" / "serve")

@@ -13,5 +13,5 @@ if [[ -f $stamp && "$(cat $stamp)" == "$want" ]]; then exit 0; fi
 [[ -x .venv-mxnet/bin/python ]] || "$PY" -m venv .venv-mxnet
 .venv-mxnet/bin/pip install -q --disable-pip-version-check -r requirements-mxnet.txt
 .venv-mxnet/bin/pip check
-.venv-mxnet/bin/python tasks/formats/mxnet_tool.py >/dev/null 2>&1 || [[ $? == 2 ]]  # imports mxnet: usage exit 2
+.venv-mxnet/bin/python tasks/importers/formats/mxnet_tool.py >/dev/null 2>&1 || [[ $? == 2 ]]  # imports mxnet: usage exit 2
 echo "$want" > $stamp

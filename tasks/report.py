@@ -28,7 +28,7 @@ def latency_rows(report: dict) -> list[dict]:
 
 
 def _prequantized(report: dict) -> str:
-    """' (pre-quantized QDQ model: ...)' for a model that arrived quantized (tasks/qdq.py), else ''."""
+    """' (pre-quantized QDQ model: ...)' for a model that arrived quantized (tasks/precision/qdq.py), else ''."""
     info = report.get("precision_info") or {}
     if not info.get("prequantized"):
         return ""

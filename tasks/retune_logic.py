@@ -14,12 +14,14 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tasks import cache, steps
-from tasks.bundled import DEFAULT_DATA
-from tasks.devices import DeviceProfile, get_device
+from tasks import steps
+
+from tasks.storage import cache
+from tasks.importers.bundled import DEFAULT_DATA
+from tasks.devices.profiles import DeviceProfile, get_device
 from tasks.errors import TvmflowError
-from tasks.pick_best import DB_FILES
-from tasks.publish import build_prefix, join, new_build_id, publish_build, safe_segment, store_fs, uri_of
+from tasks.tuning.pick_best import DB_FILES
+from tasks.storage.publish import build_prefix, join, new_build_id, publish_build, safe_segment, store_fs, uri_of
 
 # Two measurements of one build on a shared machine differ by a few percent: a new build
 # within this margin of LATEST counts as "no slower".
@@ -36,7 +38,7 @@ class ModelEntry:
 
     @property
     def name(self) -> str:
-        from tasks.model_import import model_name
+        from tasks.importers.model_import import model_name
 
         return model_name(self.model)
 
@@ -83,7 +85,7 @@ def fleet_models(device: str) -> list[dict]:
 
 def model_exists(spec: str) -> str | None:
     """None if the model can be fetched, else the reason (checked without downloading it)."""
-    from tasks.model_import import is_factory
+    from tasks.importers.model_import import is_factory
 
     if is_factory(spec):
         module, _, attr = spec.partition(":")
@@ -207,8 +209,8 @@ def retune_model(entry: ModelEntry, profile: DeviceProfile, workers, store: str,
 def _retune(entry, profile, workers, store, budget, fanout, precision, work_dir: Path, outcome: Outcome):
     import tvm
 
-    from tasks.datasets import load_dataset
-    from tasks.model_import import parse_input_spec
+    from tasks.importers.datasets import load_dataset
+    from tasks.importers.model_import import parse_input_spec
     from tasks.report import write_report_files
 
     started = time.monotonic()

@@ -1,7 +1,7 @@
 """The pipeline's steps as cached plain functions, each with a thin Prefect @task wrapper.
 
 Every step's cache key hashes its inputs' bytes, its config, the TVM version and the target
-(tasks.cache), so a second identical run reuses import, tuning and build and says so.
+(tasks.storage.cache), so a second identical run reuses import, tuning and build and says so.
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import cache
-from tasks.devices import DeviceProfile
+from tasks.storage import cache
+from tasks.devices.profiles import DeviceProfile
 from tasks.errors import TvmflowError
-from tasks.extract import TuningTask, allocate_trials, extract_tasks, prepare_for_tuning
-from tasks.fetch import fetch
-from tasks.model_import import InputSpec, export_factory, import_model, is_factory
+from tasks.tuning.extract import TuningTask, allocate_trials, extract_tasks, prepare_for_tuning
+from tasks.importers.fetch import fetch
+from tasks.importers.model_import import InputSpec, export_factory, import_model, is_factory
 
 log = logging.getLogger("tvmflow")
 
@@ -47,8 +47,8 @@ class ModelSource:
 
 def fetch_model(spec: str, inputs: list[InputSpec] | None = None) -> ModelSource:
     """A factory is exported to .pt2 first, so it is hashed by content like any file."""
-    from tasks.formats import fetch_model_files
-    from tasks.model_import import detect_format, framework_of, model_name
+    from tasks.importers.formats import fetch_model_files
+    from tasks.importers.model_import import detect_format, framework_of, model_name
 
     downloads = cache.cache_root() / "models"
     if is_factory(spec):
@@ -66,7 +66,7 @@ def import_and_prepare(source: ModelSource, device: DeviceProfile, inputs: list[
     import tvm
 
     # "fixpoint-fusion": modules prepared before the fusion fix must not be reused; "qdq-int8": nor QDQ
-    # models imported as fake quantization (tasks/qdq.py)
+    # models imported as fake quantization (tasks/precision/qdq.py)
     key = cache.content_key("import", "fixpoint-fusion", "qdq-int8", source.sha256, [str(s) for s in inputs or []],
                             device.target_key())
     hit = cache.lookup("import", key)
@@ -93,8 +93,8 @@ def tune_one(task_: TuningTask, device: DeviceProfile, tracker: tuple[str, int],
     `seed_db_dir` (earlier tuning of this device) warm-starts the search; its content is part
     of the cache key, so a retune with the same seed and budget reuses the earlier search.
     """
-    from tasks.pick_best import DB_FILES, has_db
-    from tasks.tune import tune_task
+    from tasks.tuning.pick_best import DB_FILES, has_db
+    from tasks.tuning.tune import tune_task
 
     workload = hashlib.sha256(task_.mod_json.encode()).hexdigest()
     seed = None
@@ -123,8 +123,8 @@ def tune_one(task_: TuningTask, device: DeviceProfile, tracker: tuple[str, int],
 
 def merge_step(results: list[dict], out_dir: Path, device: DeviceProfile | None = None) -> tuple[Path, int]:
     """Best record per workload; on a device this host can run, only records whose kernel
-    computes what the default lowering computes (tasks.pick_best.record_is_correct)."""
-    from tasks.pick_best import merge_databases
+    computes what the default lowering computes (tasks.tuning.pick_best.record_is_correct)."""
+    from tasks.tuning.pick_best import merge_databases
 
     out_dir.mkdir(parents=True, exist_ok=True)
     count = merge_databases([r["db_dir"] for r in results if r.get("db_dir")], out_dir,
@@ -134,8 +134,8 @@ def merge_step(results: list[dict], out_dir: Path, device: DeviceProfile | None 
 
 def build_step(prepared_mod, prepare_key: str, device: DeviceProfile, db_dir: Path | None) -> tuple[Path, bool]:
     """The exported library for this module + database + target, cached by their content."""
-    from tasks.build import build_library
-    from tasks.pick_best import DB_FILES, has_db
+    from tasks.build.compile import build_library
+    from tasks.tuning.pick_best import DB_FILES, has_db
 
     db_hash = "untuned"
     if db_dir and has_db(db_dir):
@@ -156,7 +156,7 @@ def build_step(prepared_mod, prepare_key: str, device: DeviceProfile, db_dir: Pa
 @contextlib.contextmanager
 def device_workers(device: DeviceProfile, tracker: str | None, worker_timeout: float):
     """Yield (tracker address, server count): local ones started here, or an existing tracker."""
-    from tasks.workers import parse_tracker, start_local_workers, wait_for_servers
+    from tasks.devices.workers import parse_tracker, start_local_workers, wait_for_servers
 
     tracker = tracker or os.environ.get("TVMFLOW_TRACKER")  # e.g. set by `tvmflow serve` for its worker
     if tracker:
@@ -182,8 +182,8 @@ def device_slots(device: DeviceProfile, servers: int) -> int:
 
 def measure(lib, tracker, device: DeviceProfile, servers: int, samples: list[dict], names: list[str], **kw):
     """run_on_device inside the device's global concurrency slot."""
-    from tasks.capacity import on_device
-    from tasks.validate import run_on_device
+    from tasks.devices.capacity import on_device
+    from tasks.devices.validate import run_on_device
 
     with on_device(device.rpc_key, device_slots(device, servers)):
         return run_on_device(lib, tracker, device.rpc_key, samples, names, device.target.get("kind", "llvm"), **kw)
@@ -192,8 +192,8 @@ def measure(lib, tracker, device: DeviceProfile, servers: int, samples: list[dic
 def validate_build(lib, source: ModelSource, specs, dataset, tracker, device: DeviceProfile, precision: str,
                    servers: int = 1):
     """(device run, Validation, framework latency): outputs on the device vs the source framework."""
-    from tasks.reference import Reference
-    from tasks.validate import compare
+    from tasks.importers.reference import Reference
+    from tasks.devices.validate import compare
 
     names = [s.name for s in specs]
     samples = [dataset.sample(i) for i in range(len(dataset))]

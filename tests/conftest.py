@@ -29,7 +29,7 @@ def tvmflow_cache(tmp_path, monkeypatch) -> Path:
 @pytest.fixture(scope="session")
 def local_workers(tmp_path_factory):
     """A real RPC tracker + 2 rpc servers (key `local`) for the whole session."""
-    from tasks.workers import start_local_workers
+    from tasks.devices.workers import start_local_workers
 
     workers = start_local_workers("local", 2, tmp_path_factory.mktemp("workers-logs"))
     try:
@@ -50,9 +50,9 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def mnist_pt2(tmp_path_factory) -> Path:
     """The bundled MNIST CNN exported once to a .pt2 file (real weights)."""
-    from tasks.model_import import export_factory
+    from tasks.importers.model_import import export_factory
 
-    return export_factory("tasks.bundled:mnist_cnn", tmp_path_factory.mktemp("mnist") / "mnist.pt2")
+    return export_factory("tasks.importers.bundled:mnist_cnn", tmp_path_factory.mktemp("mnist") / "mnist.pt2")
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +60,7 @@ def mnist_onnx(tmp_path_factory) -> Path:
     """The same MNIST CNN as an ONNX file (torch's dynamo exporter, weights inline)."""
     import torch
 
-    from tasks.bundled import mnist_cnn
+    from tasks.importers.bundled import mnist_cnn
 
     module, example = mnist_cnn()
     out = tmp_path_factory.mktemp("mnist-onnx") / "mnist.onnx"

@@ -48,7 +48,7 @@ class S3Server:
 
 
 def _free_ports(count: int) -> list[int]:
-    from tasks.workers import free_port
+    from tasks.devices.workers import free_port
 
     ports: list[int] = []
     while len(ports) < count:

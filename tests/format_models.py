@@ -302,7 +302,7 @@ net.export(sys.argv[1], epoch=int(sys.argv[2]))
 
 def mxnet_gluon_cnn(prefix: Path, epoch: int = 3) -> Path:
     """Export a small Gluon CNN as <prefix>-symbol.json + <prefix>-000N.params; returns the symbol path."""
-    from tasks.formats.mxnet_import import converter_python
+    from tasks.importers.formats.mxnet_import import converter_python
 
     subprocess.run([str(converter_python()), "-c", _MXNET_SCRIPT, str(prefix), str(epoch)], check=True,
                    capture_output=True, timeout=300)

@@ -19,13 +19,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 POOL = "tvmflow-process"
-MNIST = {"model": "tasks.bundled:mnist_cnn", "data": "bundled:mnist:16"}
+MNIST = {"model": "tasks.importers.bundled:mnist_cnn", "data": "bundled:mnist:16"}
 
 _STATE: dict = {}
 
 
 def free_port() -> int:
-    from tasks.workers import free_port as port
+    from tasks.devices.workers import free_port as port
 
     return port()
 
@@ -37,7 +37,7 @@ def _spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    from tasks.workers import stop_group
+    from tasks.devices.workers import stop_group
 
     stop_group(proc)
 
@@ -66,7 +66,7 @@ class Server:
                                  self.home / "server.log"))
         # device workers (tracker + 2 rpc servers, key `local`) boot while the server does;
         # runs get `tracker` so each does not pay their start again
-        from tasks.workers import start_local_workers
+        from tasks.devices.workers import start_local_workers
 
         self.workers = start_local_workers("local", 2, self.home / "device-logs")
         self.tracker = self.workers.tracker

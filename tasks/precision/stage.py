@@ -1,0 +1,146 @@
+"""The compile flow's precision step: the model in fp16 / bf16 / int8, prepared for tuning.
+
+It re-imports the model (the cached fp32 `prepared` module is already lowered, so its conv2d /
+matmul calls can no longer be rewritten), converts it, and lowers it like the fp32 path. Cached by
+model bytes, inputs, target, precision options and the calibration data's bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.storage import cache
+from tasks.errors import TvmflowError
+
+
+@dataclass
+class PrecisionOptions:
+    calibration: str | None = None
+    method: str = "percentile"
+    percentile: float = 99.99
+    keep_float: str | None = None  # "a,b" | "none" | None (default: first conv, last dense)
+    allow: list | None = None  # fp16/bf16: op kinds or layer names to convert
+    deny: list | None = None
+    reduce_range: bool | None = None  # None: 7-bit int8 weights where the device needs them (quantize.weights_need_7_bits)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PrecisionResult:
+    prepared: object
+    key: str
+    info: dict = field(default_factory=dict)  # plan / converted layers / ranges, for the report
+    converted: object = None  # the converted module before lowering (per-layer error)
+    cached: bool = False
+
+
+def _data_digest(dataset) -> str:
+    h = hashlib.sha256()
+    for name in sorted(dataset.inputs):
+        h.update(name.encode())
+        h.update(dataset.inputs[name].tobytes())
+    return h.hexdigest()
+
+
+def convert_model(mod, specs, precision: str, opts: PrecisionOptions, target="llvm"):
+    """(converted Relax module, info dict) for one precision."""
+    from tasks.precision.policy import convert
+
+    if precision in ("fp16", "bf16"):
+        from tasks.precision.layers import list_layers
+
+        converted = convert(mod, precision, opts.allow, opts.deny)
+        return converted, {"layers": [l.name for l in list_layers(mod)], "allow": opts.allow, "deny": opts.deny}
+    from tasks.precision.calibrate import calibrate, load_calibration
+    from tasks.precision.layers import list_layers
+    from tasks.precision.quantize import QuantConfig, parse_keep_float, quantize_model
+
+    dataset = load_calibration(opts.calibration, specs)
+    keep = parse_keep_float(opts.keep_float, list_layers(mod))
+    ranges = calibrate(mod, dataset, opts.method, opts.percentile, target)
+    qmod, plan = quantize_model(mod, ranges, QuantConfig(opts.method, opts.percentile, keep, opts.reduce_range))
+    return qmod, {"calibration": {"source": dataset.source, "samples": len(dataset), "method": opts.method},
+                  **plan.to_json()}
+
+
+def lower_precision(source, device, specs_in, specs, precision: str, opts: PrecisionOptions) -> PrecisionResult:
+    import tvm
+
+    from tasks.tuning.extract import prepare_for_tuning
+    from tasks.importers.model_import import import_model
+
+    data_key = ""
+    if precision == "int8":
+        from tasks.precision.calibrate import load_calibration
+
+        data_key = _data_digest(load_calibration(opts.calibration, specs))
+    elif precision not in ("fp16", "bf16"):
+        raise TvmflowError(f"unknown precision {precision!r}; use fp32, fp16, bf16 or int8")
+    key = cache.content_key("precision", source.sha256, [str(s) for s in specs_in or []], device.target_key(),
+                            precision, json.dumps(opts.to_json(), sort_keys=True), data_key)
+    hit = cache.lookup("precision", key)
+    if hit:
+        return PrecisionResult(tvm.ir.load_json((hit / "prepared.json").read_text()), key,
+                               json.loads((hit / "info.json").read_text()),
+                               tvm.ir.load_json((hit / "converted.json").read_text()), True)
+    imported = import_model(source.path, specs_in)
+    if precision == "int8" and opts.reduce_range is None:
+        from dataclasses import replace
+
+        from tasks.precision.quantize import weights_need_7_bits
+
+        opts = replace(opts, reduce_range=weights_need_7_bits(device.tvm_target()))
+    converted, info = convert_model(imported.mod, specs, precision, opts, "llvm")  # calibration runs on this host
+    prepared = prepare_for_tuning(converted, device.tvm_target())
+    entry = cache.CacheEntry("precision", key)
+    (entry.path / "prepared.json").write_text(tvm.ir.save_json(prepared))
+    (entry.path / "converted.json").write_text(tvm.ir.save_json(converted))
+    (entry.path / "info.json").write_text(json.dumps(info, default=str))
+    entry.commit()
+    return PrecisionResult(prepared, key, info, converted, False)
+
+
+def layer_report(source, specs_in, converted, dataset, count: int = 8) -> list[dict]:
+    """Per-layer error of the converted model against fp32 on the first `count` samples (host)."""
+    from tasks.importers.model_import import import_model
+    from tasks.precision.quantize import per_layer_error
+
+    samples = [dataset.sample(i) for i in range(min(count, len(dataset)))]
+    return per_layer_error(import_model(source.path, specs_in).mod, converted, samples)
+
+
+def worst_layer(rows: list[dict]) -> str:
+    """The layer whose SNR drops most from the previous one: the first candidate to keep in float."""
+    if not rows:
+        return ""
+    drops = [(rows[i - 1]["snr_db"] if i else 99.0) - r["snr_db"] for i, r in enumerate(rows)]
+    return rows[max(range(len(rows)), key=lambda i: drops[i])]["layer"]
+
+
+def precision_gate_failure(report: dict, source, specs_in, lowered: PrecisionResult, dataset) -> TvmflowError:
+    """The gate failed: add the per-layer error to the report, keep the report where the user can
+    read it (outside the run's scratch dir), and return the one-line error naming the layer to try
+    keeping in float. Nothing is published."""
+    import uuid
+
+    from tasks.report import write_report_files
+
+    rows = layer_report(source, specs_in, lowered.converted, dataset)
+    worst = worst_layer(rows)
+    report["per_layer_error"] = rows
+    folder = cache.cache_root() / "failed" / f"{report['model']}-{uuid.uuid4().hex[:8]}"
+    write_report_files(report, folder)
+    worst_row = next((r for r in rows if r["layer"] == worst), None)
+    hint = (f"; largest per-layer error jump at {worst} (SNR {worst_row['snr_db']:.1f} dB): try "
+            f"--keep-float {worst}" if worst_row else "")
+    return TvmflowError(f"{report['precision']} validation failed ({report['validation']['reason']}); nothing "
+                        f"published{hint}; per-layer report in {folder / 'report.md'}")
+
+
+precision_task = task(lower_precision, name="precision", cache_policy=NO_CACHE)
