@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from tasks.errors import TvmflowError
+from tasks.errors import EXIT_UNREACHABLE, TvmflowError, exit_code
 
 
 def _store(uri: str) -> str:
@@ -80,7 +80,7 @@ def _compile(args) -> int:
 
 
 def _workers(args) -> int:
-    from tasks.devices.profiles import workers
+    from tasks.devices import workers
     from tasks.devices.profiles import get_device
 
     if args.action == "start":
@@ -205,24 +205,34 @@ class _HideUserErrorTracebacks(logging.Filter):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes (README "Exit codes"): 0 ok, 1 internal error, 2 usage or bad input,
+    3 a validation/precision gate failed, 4 a device, tracker or store was unreachable."""
     # the ephemeral API's telemetry write races its own SQLite start-up ("database is locked")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the ephemeral API's default 20 s start-up limit is missed on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as done:  # argparse: --help/--version exit 0, a bad flag exits 2
+        return int(done.code or 0)
     if not args.debug:
         for name in ("prefect.task_runs", "prefect.flow_runs"):
             logging.getLogger(name).addFilter(_HideUserErrorTracebacks())
     try:
         return args.func(args)
-    except TvmflowError as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - every failure becomes one line and an exit code
+        if args.debug:
+            raise
+        code = exit_code(err)
+        if isinstance(err, TimeoutError):  # a Prefect timeout on a device/store step (tasks.retry_policy)
+            code = EXIT_UNREACHABLE
+        text = str(err) if isinstance(err, TvmflowError) else \
+            f"internal error ({err.__class__.__name__}: {' '.join(str(err).split())[:300]}); rerun with --debug"
+        print(f"error: {text}", file=sys.stderr, flush=True)
+        return code
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import tarfile
 import pytest
 import tvm
 
-from tasks.build.compile import gpu
+from tasks.build import gpu
 from tasks.devices.profiles import get_device, load_fleet
 from tasks.errors import TvmflowError
 from tasks.tuning.extract import extract_tasks, prepare_for_tuning

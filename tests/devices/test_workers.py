@@ -93,7 +93,7 @@ def test_servers_run_with_the_targets_thread_count(tmp_path):
 
 def test_stale_state_file_does_not_block_start(tmp_path, monkeypatch):
     """A workers.json whose tracker died is dropped (its servers stopped), not reported as running."""
-    import tasks.devices.profiles.workers as workers_mod
+    import tasks.devices.workers as workers_mod
 
     monkeypatch.setattr(workers_mod, "STATE_FILE", tmp_path / "workers.json")
     started = start_local_workers("stale-check", 1, tmp_path / "logs")
