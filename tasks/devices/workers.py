@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tasks.errors import TvmflowError
+from tasks.errors import TvmflowError, Unreachable
 
 STATE_FILE = Path(os.environ.get("TVMFLOW_HOME", Path.home() / ".tvmflow")) / "workers.json"
 
@@ -43,7 +43,7 @@ def tracker_summary(host: str, port: int, timeout: float = 5.0) -> dict:
         sock.close()
         return rpc.connect_tracker(host, port).summary()
     except (OSError, RuntimeError) as err:
-        raise TvmflowError(
+        raise Unreachable(
             f"cannot reach the RPC tracker at {host}:{port} ({err.__class__.__name__}); "
             "start it with `tvmflow workers start` or pass --tracker host:port of a running one"
         ) from None
@@ -63,7 +63,7 @@ def wait_for_servers(host: str, port: int, key: str, count: int = 1, timeout: fl
         if found >= count:
             return found
         if time.monotonic() > deadline:
-            raise TvmflowError(
+            raise Unreachable(
                 f"no free device worker with key {key!r} on tracker {host}:{port} after {timeout:.0f} s; "
                 f"register one (`python -m tvm.exec.rpc_server --tracker {host}:{port} --key {key}`) "
                 "or pick another --device"
