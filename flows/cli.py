@@ -40,36 +40,37 @@ def _precision_options(args) -> dict | None:
 
 def _compile(args) -> int:
     from flows.compile import compile_flow
+    from tasks.records import BuildReport
     from tasks.storage.results import with_store_results
 
     args.store = _store(args.store)
-    report = with_store_results(compile_flow, args.store)(  # flow result persisted in the store
+    report = BuildReport.from_json(with_store_results(compile_flow, args.store)(  # flow result persisted in the store
         model=args.model, device=args.device, trials=args.trials, store=args.store,
         inputs=args.input, data=args.data, tracker=args.tracker,
         precision=args.precision, measure_untuned=not args.no_untuned,
         precision_options=_precision_options(args),
-        worker_timeout=args.worker_timeout, dask_address=args.dask)
+        worker_timeout=args.worker_timeout, dask_address=args.dask, refresh=args.refresh))
+    val = report.validation
     summary = {
-        "build_uri": report["build_uri"], "manifest_uri": report["manifest_uri"],
-        "latency_ms": report["latency_ms"], "latency_p90_ms": report["latency_p90_ms"],
-        "untuned_latency_ms": report["untuned_latency_ms"], "reference": report["reference"],
-        "baselines": report["baselines"], "validation": report["validation"], "tasks": report["tasks"],
-        "trials": report["trials"], "untuned_tasks": report["untuned_tasks"], "cache_hits": report["cache_hits"],
-        "tuning_reuse": report.get("tuning_reuse"), "tuning_seconds": report.get("tuning_seconds"),
-        "wall_seconds": report.get("wall_seconds"),
+        "build_uri": report.build_uri, "manifest_uri": report.manifest_uri, "precision": report.precision,
+        "latency_ms": report.latency_ms, "latency_p90_ms": report.latency_p90_ms,
+        "untuned_latency_ms": report.untuned_latency_ms, "reference": report.reference,
+        "baselines": report.baselines, "validation": val.to_json(), "tasks": report.tasks,
+        "trials": report.trials, "untuned_tasks": report.untuned_tasks, "cache_hits": report.cache_hits,
+        "tuning_reuse": report.tuning_reuse, "tuning_seconds": report.tuning_seconds,
+        "wall_seconds": report.wall_seconds,
     }
-    val = report["validation"]
     lines = [
-        "", f"Build:      {report['build_uri']}",
-        f"Latency:    tuned {report['latency_ms']:.3f} ms (p90 {report['latency_p90_ms']:.3f})"
-        + (f", untuned {report['untuned_latency_ms']:.3f} ms" if report["untuned_latency_ms"] else ""),
-        "Baselines:  " + ", ".join(f"{k} {v:.3f} ms" for k, v in report["baselines"].items()),
-        f"Validation: {'passed' if val['passed'] else 'FAILED'} on {val['samples']} samples, max rel err "
-        f"{val['max_rel_err']:.2e}, top-1 agreement {val['top1_agreement']}",
-        f"Tuning:     {report['tasks']} tasks, {report['trials']} new trials, "
-        f"{len(report['untuned_tasks'])} untuned; cache hits: {', '.join(report['cache_hits']) or 'none'}",
+        "", f"Build:      {report.build_uri}",
+        f"Latency:    tuned {report.latency_ms:.3f} ms (p90 {report.latency_p90_ms:.3f})"
+        + (f", untuned {report.untuned_latency_ms:.3f} ms" if report.untuned_latency_ms else ""),
+        "Baselines:  " + ", ".join(f"{k} {v:.3f} ms" for k, v in report.baselines.items()),
+        f"Validation: {'passed' if val.passed else 'FAILED'} on {val.samples} samples ({report.precision}), "
+        f"max rel err {val.max_rel_err:.2e}, top-1 agreement {val.top1_agreement}",
+        f"Tuning:     {report.tasks} tasks, {report.trials} new trials, "
+        f"{len(report.untuned_tasks)} untuned; cache hits: {', '.join(report.cache_hits) or 'none'}",
     ]
-    reuse = report.get("tuning_reuse")
+    reuse = report.tuning_reuse
     if reuse:
         lines.append(f"Shared db:  {reuse['reused']} tasks reused, {reuse['warm_started']} warm-started, "
                      f"{reuse['fresh']} tuned fresh ({reuse['shards']} shards in {reuse['store']})")
@@ -77,6 +78,36 @@ def _compile(args) -> int:
     if args.json:
         print(json.dumps(summary, default=str))
     return 0
+
+
+def _retune(args) -> int:
+    """One retune now, with the deployment's parameters; exit 1 when a model failed."""
+    from flows.retune import retune_flow
+    from tasks.retune import Outcome, summary_rows
+    from tasks.storage.results import with_store_results
+
+    args.store = _store(args.store)
+    models = [{"model": m, "data": args.data, "inputs": args.input or [], "calibration": args.calibration}
+              for m in args.model] if args.model else None  # None: the device's models in the fleet file
+    options = {"method": args.calib_method, "keep_float": args.keep_float} if args.precision == "int8" else None
+    try:
+        outcomes = with_store_results(retune_flow, args.store)(
+            device=args.device, models=models, budget=args.budget, store=args.store, tracker=args.tracker,
+            dask_address=args.dask, precision=args.precision, worker_timeout=args.worker_timeout,
+            precision_options=options, refresh=args.refresh)
+        code = 0
+    except TvmflowError as err:
+        if "models failed" not in str(err):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    rows = summary_rows([Outcome(**o) for o in outcomes])
+    for r in rows:
+        print(f"{r['model']} on {r['device']}: {r['status']} ({r['reason']}); new {r['new_ms']} ms, "
+              f"LATEST {r['latest_ms']} ms, {r['trials']} trials", file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(outcomes, default=str))
+    return code
 
 
 def _workers(args) -> int:
@@ -117,31 +148,77 @@ def _serve(args) -> int:
 def _fetch(args) -> int:
     from tasks.storage.retrieve import fetch_build
 
-    got = fetch_build(_store(args.store), args.model, args.device, args.build, args.out)
-    print(f"{args.model}/{args.device}/{got.build_id} -> {got.path} ({len(got.files)} files, sha256 verified)")
+    got = fetch_build(_store(args.store), args.model, args.device, args.build, args.out,
+                      allow_unvalidated=args.allow_unvalidated)
+    note = "" if got.validated else ", UNVALIDATED: build-only, never run on the device"
+    print(f"{args.model}/{args.device}/{got.build_id} -> {got.path} ({len(got.files)} files, sha256 verified{note})")
     return 0
 
 
 def _builds(args) -> int:
     from tasks.storage.retrieve import list_builds
 
-    rows = list_builds(_store(args.store), args.model, args.device)
+    if args.model and args.model_opt and args.model != args.model_opt:
+        raise TvmflowError(f"two models given ({args.model!r} and --model {args.model_opt!r}); give one")
+    rows = list_builds(_store(args.store), args.model or args.model_opt, args.device)
     if args.json:
         print(json.dumps(rows))
         return 0
     print(f"{'model':<20} {'device':<14} {'build':<24} {'published':<21} {'prec':<5} {'ms':>9}  validation")
     for r in rows:
         ms = f"{r['latency_ms']:.3f}" if isinstance(r["latency_ms"], (int, float)) else "-"
-        ok = "passed" if r["validation"].get("passed") else "FAILED"
+        ok = "unvalidated" if not r.get("validated", True) else "passed" if r["validation"].get("passed") else "FAILED"
         print(f"{r['model']:<20} {r['device']:<14} {r['build_id'] + (' *' if r['latest'] else ''):<24} "
               f"{r['published_at'] or '-':<21} {r['precision'] or '-':<5} {ms:>9}  {ok}")
     print(f"{len(rows)} build(s); * = LATEST" if rows else "no builds")
     return 0
 
 
+def _devices(args) -> int:
+    from tasks.devices.fleet_status import fleet_status
+
+    rows = fleet_status(args.tracker)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows]))
+        return 0
+
+    def num(v):
+        return "-" if v is None else str(v)
+
+    print(f"{'device':<16} {'precisions':<16} {'tracker':<34} {'workers':>7} {'busy':>4}  target")
+    for r in rows:
+        where = r.tracker or ("build-only" if r.build_only else "no tracker")
+        if r.reachable is False:
+            where += " (unreachable)"
+        print(f"{r.name:<16} {','.join(r.precisions):<16} {where:<34} {num(r.registered):>7} {num(r.busy):>4}  "
+              f"{r.target}")
+    return 0
+
+
+class _Version(argparse.Action):
+    """--version: tvmflow's and TVM's versions (TVM imported only when asked)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="show versions and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        import tvm
+
+        try:
+            own = version("tvmflow")
+        except PackageNotFoundError:
+            own = "unknown (not installed)"
+        print(f"tvmflow {own}\nTVM {tvm.__version__}\nPrefect {version('prefect')}")
+        parser.exit()
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="tvmflow", description=__doc__)
-    root.add_argument("--debug", action="store_true", help="show tracebacks")
+    root.add_argument("--debug", action="store_true", help="show tracebacks and Prefect's own log lines")
+    root.add_argument("--version", action=_Version)
+    root.add_argument("--quiet", action="store_true", help="no progress display or summary table")
     sub = root.add_subparsers(dest="command", required=True)
     comp = sub.add_parser("compile", help="compile, tune, validate and publish a model")
     from tasks.importers.bundled import DEFAULT_MODEL
@@ -167,20 +244,47 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--worker-timeout", type=float, default=60.0, help="seconds to wait for a free device worker")
     comp.add_argument("--dask", default=None, metavar="HOST:PORT", help="run the tuning fan-out on this Dask scheduler")
     comp.add_argument("--json", action="store_true", help="print one JSON summary as the last stdout line")
+    comp.add_argument("--refresh", action="store_true", help="ignore cached stage outputs: import, tune, build again")
     comp.set_defaults(func=_compile)
+    ret = sub.add_parser("retune", help="retune now: more trials on top of LATEST, publish only if validated and no slower")
+    ret.add_argument("--device", default="local")
+    ret.add_argument("--store", default="./artifacts", help="fsspec URI of the object store")
+    ret.add_argument("--model", action="append", help="model URI or package.module:callable (repeatable; "
+                     "default: the device's models in the fleet file)")
+    ret.add_argument("--data", default=None, help="validation data of --model (default: the bundled model's)")
+    ret.add_argument("--input", action="append", help="name:shape:dtype of --model's inputs")
+    ret.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16", "int8"],
+                     help="default: each model's LATEST precision, else fp32")
+    ret.add_argument("--calibration", default=None, help="int8 calibration samples (default: --data)")
+    ret.add_argument("--calib-method", default="percentile", choices=["max", "percentile", "kl"])
+    ret.add_argument("--keep-float", default=None, help="int8: layers kept in float")
+    ret.add_argument("--budget", type=int, default=64, help="extra trials per model on top of LATEST's")
+    ret.add_argument("--tracker", default=None, help="host:port of an RPC tracker (default: start local workers)")
+    ret.add_argument("--worker-timeout", type=float, default=60.0, help="seconds to wait for a free device worker")
+    ret.add_argument("--dask", default=None, metavar="HOST:PORT", help="run the tuning fan-out on this Dask scheduler")
+    ret.add_argument("--refresh", action="store_true", help="ignore cached stage outputs")
+    ret.add_argument("--json", action="store_true", help="print the outcomes as JSON on the last stdout line")
+    ret.set_defaults(func=_retune)
     fetch = sub.add_parser("fetch", help="download a build, every file verified against its manifest")
     fetch.add_argument("model")
     fetch.add_argument("--device", required=True)
     fetch.add_argument("--build", default="latest", help="build id, or latest")
     fetch.add_argument("--store", default="./artifacts", help="fsspec URI of the object store")
     fetch.add_argument("--out", required=True, help="new or empty folder to put the build in")
+    fetch.add_argument("--allow-unvalidated", action="store_true",
+                       help="also fetch build-only builds never run on the device (newest one if there is no LATEST)")
     fetch.set_defaults(func=_fetch)
     builds = sub.add_parser("builds", help="list published builds: date, precision, latency, validation")
     builds.add_argument("model", nargs="?")
-    builds.add_argument("--device", default=None)
+    builds.add_argument("--model", dest="model_opt", metavar="MODEL", default=None, help="only builds of this model")
+    builds.add_argument("--device", default=None, help="only builds for this device")
     builds.add_argument("--store", default="./artifacts", help="fsspec URI of the object store")
     builds.add_argument("--json", action="store_true", help="print the list as JSON")
     builds.set_defaults(func=_builds)
+    devs = sub.add_parser("devices", help="the fleet: target, precisions, tracker, workers registered now, busy")
+    devs.add_argument("--tracker", default=None, help="host:port for devices whose fleet entry names none")
+    devs.add_argument("--json", action="store_true", help="print the list as JSON")
+    devs.set_defaults(func=_devices)
     work = sub.add_parser("workers", help="start/stop local device workers (tracker + rpc servers)")
     work.add_argument("action", choices=["start", "status", "stop"])
     work.add_argument("--device", default="local")
@@ -192,7 +296,20 @@ def parser() -> argparse.ArgumentParser:
     srv.add_argument("--servers", type=int, default=2, help="local rpc servers to start")
     srv.add_argument("--no-deploy", action="store_true", help="do not (re)deploy deployments/prefect.yaml")
     srv.set_defaults(func=_serve)
+    _common_flags(sub)
     return root
+
+
+def _common_flags(sub) -> None:
+    """--debug/--quiet after the command too (`tvmflow compile --quiet`); compile and retune get
+    the live progress display (flows/progress.py)."""
+    for name, command in sub.choices.items():
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show tracebacks and Prefect's own log lines")
+        command.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help="no progress display or summary table: only results and errors")
+        if name in ("compile", "retune"):
+            command.set_defaults(progress=True)
 
 
 class _HideUserErrorTracebacks(logging.Filter):
@@ -219,11 +336,16 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("prefect.task_runs", "prefect.flow_runs"):
             logging.getLogger(name).addFilter(_HideUserErrorTracebacks())
     try:
+        if getattr(args, "progress", False):
+            from flows.progress import terminal
+
+            with terminal(debug=args.debug, quiet=args.quiet):
+                return args.func(args)
         return args.func(args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - every failure becomes one line and an exit code
+    except Exception as err:  # every failure becomes one line and an exit code
         if args.debug:
             raise
         code = exit_code(err)

@@ -57,7 +57,8 @@ def uri_of(store: str, path: str) -> str:
 
 def publish_build(store: str, model: str, device: str, files: dict[str, Path], manifest_meta: dict,
                   build_id: str | None = None) -> dict:
-    """Upload `files` (name -> local path), then manifest.json, then LATEST. Returns URIs.
+    """Upload `files` (name -> local path), then manifest.json, then LATEST (not for a
+    `build_only` manifest: unvalidated builds never become LATEST). Returns URIs.
 
     Any failure or interruption (Ctrl-C included) removes the half-written build folder and
     leaves LATEST where it was.
@@ -84,7 +85,8 @@ def publish_build(store: str, model: str, device: str, files: dict[str, Path], m
         manifest = {**manifest_meta, "build_id": build_id, "model": model, "device": device,
                     "files": entries, "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_atomic(fs, join(prefix, "manifest.json"), json.dumps(manifest, indent=2, sort_keys=True).encode())
-        write_atomic(fs, join(base, "LATEST"), build_id.encode())
+        if not manifest.get("build_only"):  # a build-only build (never validated) is never LATEST
+            write_atomic(fs, join(base, "LATEST"), build_id.encode())
     except BaseException as err:  # noqa: BLE001 - interrupted or failed: no half build stays behind
         _remove_quietly(fs, prefix)
         if isinstance(err, Exception) and not isinstance(err, TvmflowError):

@@ -1,7 +1,9 @@
 """Get published builds back out of the store: list them, fetch one verified, load it to run.
 
 Loading a .so runs its code, so nothing is handed over before every file's sha256 and size
-match the manifest. A fetch downloads into a temporary folder beside `out_dir`, verifies, and
+match the manifest. A build-only build (published for a device no worker could run it on:
+manifest `build_only: true`, validation not run) is never LATEST and is fetched only when asked
+for with `allow_unvalidated`. A fetch downloads into a temporary folder beside `out_dir`, verifies, and
 only then moves the files in: on any mismatch it raises and `out_dir` is left as it was
 (absent, or empty). Only folders with a manifest.json are builds; LATEST names the newest.
 """
@@ -28,6 +30,16 @@ class FetchedBuild:
     manifest: dict
     files: list[str] = field(default_factory=list)
 
+    @property
+    def validated(self) -> bool:
+        return is_validated(self.manifest)
+
+
+def is_validated(manifest: dict) -> bool:
+    """False for a build-only one (validation never ran). A build that failed validation is never
+    published, so every other build passed it."""
+    return not manifest.get("build_only")
+
 
 def _read(fs, path: str, store: str, missing: str) -> bytes:
     try:
@@ -40,11 +52,17 @@ def _read(fs, path: str, store: str, missing: str) -> bytes:
         raise store_error(err, store, "reading") from None
 
 
-def resolve_build(store: str, model: str, device: str, build: str | None = "latest") -> str:
-    """The build id `build` names: itself, or what LATEST holds for 'latest'."""
+def resolve_build(store: str, model: str, device: str, build: str | None = "latest",
+                  allow_unvalidated: bool = False) -> str:
+    """The build id `build` names: itself, or what LATEST holds for 'latest' (with
+    `allow_unvalidated` and no LATEST: the newest build, build-only ones included)."""
     fs, _ = store_fs(store)
     base = build_prefix(store, model, device)
     if build in (None, "", "latest"):
+        if allow_unvalidated and not fs.exists(join(base, "LATEST")):
+            rows = list_builds(store, model, device)
+            if rows:
+                return rows[0]["build_id"]
         text = _read(fs, join(base, "LATEST"), store,
                      f"no published build of {model!r} for device {device!r} in {clean_uri(store)}; "
                      "see `tvmflow builds` for what there is").decode().strip()
@@ -102,6 +120,7 @@ def list_builds(store: str, model: str | None = None, device: str | None = None)
             "latency_ms": manifest.get("latency_ms"), "validation": {
                 k: validation.get(k) for k in ("passed", "samples", "max_abs_err", "max_rel_err", "top1_agreement")},
             "trials": manifest.get("trials"), "tvm_version": manifest.get("tvm_version"),
+            "validated": is_validated(manifest), "build_only": bool(manifest.get("build_only")),
             "latest": latest.get(base) == build_id, "uri": uri_of(store, folder)})
     # build ids start with their UTC time: they break ties of builds published in the same second
     return sorted(rows, key=lambda r: (r["model"] or "", r["device"] or "", r["published_at"] or "",
@@ -128,14 +147,18 @@ def verify_files(folder: Path, manifest: dict) -> None:
 
 
 def fetch_build(store: str, model: str, device: str, build: str | None = "latest",
-                out_dir: str | os.PathLike = "build") -> FetchedBuild:
-    """Download one build into out_dir (absent or empty), every file verified against the manifest."""
+                out_dir: str | os.PathLike = "build", allow_unvalidated: bool = False) -> FetchedBuild:
+    """Download one build into out_dir (absent or empty), every file verified against the manifest.
+    A build-only (unvalidated) build only with `allow_unvalidated`."""
     fs, _ = store_fs(store)
     out = Path(out_dir).resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise TvmflowError(f"{out} exists and is not an empty folder; give a new or empty --out")
-    build_id = resolve_build(store, model, device, build)
+    build_id = resolve_build(store, model, device, build, allow_unvalidated)
     manifest = read_manifest(store, model, device, build_id)
+    if not is_validated(manifest) and not allow_unvalidated:
+        raise TvmflowError(f"build {build_id!r} of {model!r} for {device!r} is unvalidated (build-only: never run "
+                           "on the device); pass --allow-unvalidated to fetch it anyway")
     prefix = build_prefix(store, model, device, build_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.fetch-", dir=out.parent))
