@@ -4,7 +4,7 @@ onnxruntime and torch on the same input, in one process, and write a JSON result
     python bench/compile_bench.py --model tasks.importers.bundled:efficientnet_lite0 --trials 300 \
         --out bench/results/efficientnet_lite0-300.json
 
-It calls the pipeline's plain step functions (tasks.steps), not the Prefect flow, so no Prefect
+It calls the pipeline's plain step functions (tasks.pipeline), not the Prefect flow, so no Prefect
 server is needed; tuning still goes through a real RPC tracker and rpc servers
 (tasks.devices.workers). Each run uses a fresh TVMFLOW_CACHE unless --cache is given, so nothing is a
 cache hit by accident.
@@ -253,7 +253,8 @@ def main(argv=None) -> dict:
 
     import tvm
 
-    from tasks import steps
+    from tasks import pipeline
+    from tasks.devices.session import DeviceAddress
     from tasks.importers.bundled import DEFAULT_DATA
     from tasks.importers.datasets import load_dataset
     from tasks.devices.profiles import get_device
@@ -286,16 +287,16 @@ def main(argv=None) -> dict:
     log_dir = cache_dir / "logs"
 
     t0 = time.monotonic()
-    source = steps.fetch_model(args.model)
-    prepared, specs, prep_key, _ = steps.import_and_prepare(source, device)
-    names = [s.name for s in specs]
-    dataset = load_dataset(args.data or DEFAULT_DATA.get(args.model), specs)
+    source = pipeline.fetch_model(args.model)
+    prepared = pipeline.prepare_model(source, device, None, "fp32")
+    names = prepared.input_names
+    dataset = load_dataset(args.data or DEFAULT_DATA.get(args.model), prepared.specs)
     samples = [dataset.sample(i) for i in range(len(dataset))]
     sample0 = samples[0]
     result["import_seconds"] = round(time.monotonic() - t0, 1)
     result["data"] = dataset.source
 
-    plan = steps.plan_tuning(prepared, device, args.trials)
+    plan = pipeline.plan_tuning(prepared, device, args.trials).tasks
     result["tasks"] = len(plan)
     result["tasks_with_trials"] = sum(1 for t in plan if t.trials)
     say(f"{len(plan)} tasks, {args.trials} trials over {result['tasks_with_trials']} of them")
@@ -304,7 +305,7 @@ def main(argv=None) -> dict:
     try:
         tracker = (workers.host, workers.tracker_port)
         t0 = time.monotonic()
-        results = [steps.tune_one(task, device, tracker, 2, f"[{i + 1}/{len(plan)}]")
+        results = [pipeline.tune_one(task, DeviceAddress(device, tracker, 2), f"[{i + 1}/{len(plan)}]").to_json()
                    for i, task in enumerate(plan)]
         result["tuning_seconds"] = round(time.monotonic() - t0, 1)
         result["trials_run"] = sum(r["trials_run"] for r in results)
@@ -314,8 +315,8 @@ def main(argv=None) -> dict:
         result["tuning"] = [{k: r.get(k) for k in ("name", "trials_planned", "trials_run", "valid", "best_ms",
                                                    "seconds", "error")} for r in results]
         t0 = time.monotonic()
-        db_dir, records = steps.merge_step(results, cache_dir / "merged-db", device)
-        lib, _ = steps.build_step(prepared, prep_key, device, db_dir)
+        db_dir, records = pipeline.pick_best([r["db_dir"] for r in results], cache_dir / "merged-db", device)
+        lib = pipeline.build(prepared, device, db_dir, records).library
         result["build_seconds"] = round(time.monotonic() - t0, 1)
         result["records"] = records
         result["library_mb"] = round(lib.stat().st_size / 2**20, 1)
@@ -331,7 +332,7 @@ def main(argv=None) -> dict:
         untuned = None
         if args.untuned_repeat > 0:
             t0 = time.monotonic()
-            untuned_lib, _ = steps.build_step(prepared, prep_key, device, None)
+            untuned_lib = pipeline.build(prepared, device, None).library
             urun = run_on_device(untuned_lib, tracker, device.rpc_key, [sample0], names, kind,
                                  repeat=args.untuned_repeat)
             untuned = {**stats(urun.latencies_ms), "threads": target_cores,

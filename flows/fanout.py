@@ -11,19 +11,19 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks import steps
-from tasks.devices.profiles import DeviceProfile
+from tasks.devices.session import DeviceAddress
+from tasks.pipeline import tune_one
+from tasks.records import TaskResult
 from tasks.tuning.extract import TuningTask
 from tasks.tuning.portable import pack_db, unpack_db
 
 
 @task(name="tune-task", cache_policy=NO_CACHE, task_run_name="tune-{task_.name}")
-def tune_portable(task_: TuningTask, device: DeviceProfile, tracker, servers: int, label: str,
-                  seed: dict | None = None) -> dict:
-    """steps.tune_one with the seed database and the result database shipped as text."""
-    result = steps.tune_one(task_, device, tuple(tracker), servers, label, seed_db_dir=unpack_db(seed, "seed-db"))
-    result["db_files"] = pack_db(result.get("db_dir"))
-    return result
+def tune_portable(task_: TuningTask, device: DeviceAddress, label: str, seed: dict | None = None,
+                  refresh: bool = False) -> dict:
+    """tasks.pipeline.tune_one with the seed database and the result database shipped as text."""
+    result = tune_one(task_, device, label, seed_db_dir=unpack_db(seed, "seed-db"), refresh=refresh)
+    return {**result.to_json(), "db_files": pack_db(result.db_dir)}
 
 
 def _runner(dask_address: str | None):
@@ -35,18 +35,18 @@ def _runner(dask_address: str | None):
     return DaskTaskRunner(address=address)
 
 
-def _collect(futures) -> list[dict]:
+def _collect(futures) -> list[TaskResult]:
     results = []
     for future in futures:
-        result = future.result()
-        result["db_dir"] = unpack_db(result.pop("db_files", None), "tuned-db") or ""
-        results.append(result)
+        data = future.result()
+        data["db_dir"] = unpack_db(data.pop("db_files", None), "tuned-db") or ""
+        results.append(TaskResult.from_json(data))
     return results
 
 
-def tune_fanout(plan: list[TuningTask], device: DeviceProfile, tracker, servers: int,
-                seed_db_dir: str | None = None, dask_address: str | None = None) -> list[dict]:
-    """Tune every task of `plan` (warm-started from `seed_db_dir`); one result dict per task.
+def tune_fanout(plan: list[TuningTask], device: DeviceAddress, seed_db_dir: str | None = None,
+                dask_address: str | None = None, refresh: bool = False) -> list[TaskResult]:
+    """Tune every task of `plan` (warm-started from `seed_db_dir`); one TaskResult per task.
 
     Tasks run in the calling flow run (no subflow: a subflow's parameters are stored by the API,
     and a plan of big task modules plus a seed database passes its 512 KB limit). Without Dask they
@@ -55,8 +55,8 @@ def tune_fanout(plan: list[TuningTask], device: DeviceProfile, tracker, servers:
     if not plan:
         return []
     seed = pack_db(seed_db_dir)
-    calls = [{"task_": t, "device": device, "tracker": list(tracker), "servers": servers,
-              "label": f"[{i + 1}/{len(plan)}]", "seed": seed} for i, t in enumerate(plan)]
+    calls = [{"task_": t, "device": device, "label": f"[{i + 1}/{len(plan)}]", "seed": seed, "refresh": refresh}
+             for i, t in enumerate(plan)]
     if not dask_address:
         return _collect([tune_portable.submit(**c) for c in calls])
     with _runner(dask_address) as runner:

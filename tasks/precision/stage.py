@@ -1,8 +1,9 @@
-"""The compile flow's precision step: the model in fp16 / bf16 / int8, prepared for tuning.
+"""The pipeline's precision step: the model in fp16 / bf16 / int8, prepared for tuning.
 
 It re-imports the model (the cached fp32 `prepared` module is already lowered, so its conv2d /
-matmul calls can no longer be rewritten), converts it, and lowers it like the fp32 path. Cached by
-model bytes, inputs, target, precision options and the calibration data's bytes.
+matmul calls can no longer be rewritten), converts it, and lowers it like the fp32 path. Cached
+(tasks.storage.cache, stage "precision") by model bytes, inputs, target, precision options and
+the calibration data's bytes. Both compile and retune run it (flows/stages.py).
 """
 from __future__ import annotations
 
@@ -10,11 +11,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from tasks.storage import cache
 from tasks.errors import TvmflowError
+from tasks.storage import cache
 
 
 @dataclass
@@ -69,7 +67,9 @@ def convert_model(mod, specs, precision: str, opts: PrecisionOptions, target="ll
                   **plan.to_json()}
 
 
-def lower_precision(source, device, specs_in, specs, precision: str, opts: PrecisionOptions) -> PrecisionResult:
+def lower_precision(source, device, specs_in, specs, precision: str, opts: PrecisionOptions,
+                    refresh: bool = False) -> PrecisionResult:
+    """`source` is a tasks.records.ModelSource (path, sha256); `refresh` ignores the cache."""
     import tvm
 
     from tasks.tuning.extract import prepare_for_tuning
@@ -82,9 +82,9 @@ def lower_precision(source, device, specs_in, specs, precision: str, opts: Preci
         data_key = _data_digest(load_calibration(opts.calibration, specs))
     elif precision not in ("fp16", "bf16"):
         raise TvmflowError(f"unknown precision {precision!r}; use fp32, fp16, bf16 or int8")
-    key = cache.content_key("precision", source.sha256, [str(s) for s in specs_in or []], device.target_key(),
-                            precision, json.dumps(opts.to_json(), sort_keys=True), data_key)
-    hit = cache.lookup("precision", key)
+    key = cache.stage_key("precision", device.target_key(), source.sha256, [str(s) for s in specs_in or []],
+                          precision, json.dumps(opts.to_json(), sort_keys=True), data_key)
+    hit = cache.lookup("precision", key, refresh)
     if hit:
         return PrecisionResult(tvm.ir.load_json((hit / "prepared.json").read_text()), key,
                                json.loads((hit / "info.json").read_text()),
@@ -98,11 +98,11 @@ def lower_precision(source, device, specs_in, specs, precision: str, opts: Preci
         opts = replace(opts, reduce_range=weights_need_7_bits(device.tvm_target()))
     converted, info = convert_model(imported.mod, specs, precision, opts, "llvm")  # calibration runs on this host
     prepared = prepare_for_tuning(converted, device.tvm_target())
-    entry = cache.CacheEntry("precision", key)
-    (entry.path / "prepared.json").write_text(tvm.ir.save_json(prepared))
-    (entry.path / "converted.json").write_text(tvm.ir.save_json(converted))
-    (entry.path / "info.json").write_text(json.dumps(info, default=str))
-    entry.commit()
+    with cache.CacheEntry("precision", key) as entry:
+        (entry.path / "prepared.json").write_text(tvm.ir.save_json(prepared))
+        (entry.path / "converted.json").write_text(tvm.ir.save_json(converted))
+        (entry.path / "info.json").write_text(json.dumps(info, default=str))
+        entry.commit()
     return PrecisionResult(prepared, key, info, converted, False)
 
 
@@ -121,26 +121,3 @@ def worst_layer(rows: list[dict]) -> str:
         return ""
     drops = [(rows[i - 1]["snr_db"] if i else 99.0) - r["snr_db"] for i, r in enumerate(rows)]
     return rows[max(range(len(rows)), key=lambda i: drops[i])]["layer"]
-
-
-def precision_gate_failure(report: dict, source, specs_in, lowered: PrecisionResult, dataset) -> TvmflowError:
-    """The gate failed: add the per-layer error to the report, keep the report where the user can
-    read it (outside the run's scratch dir), and return the one-line error naming the layer to try
-    keeping in float. Nothing is published."""
-    import uuid
-
-    from tasks.report import write_report_files
-
-    rows = layer_report(source, specs_in, lowered.converted, dataset)
-    worst = worst_layer(rows)
-    report["per_layer_error"] = rows
-    folder = cache.cache_root() / "failed" / f"{report['model']}-{uuid.uuid4().hex[:8]}"
-    write_report_files(report, folder)
-    worst_row = next((r for r in rows if r["layer"] == worst), None)
-    hint = (f"; largest per-layer error jump at {worst} (SNR {worst_row['snr_db']:.1f} dB): try "
-            f"--keep-float {worst}" if worst_row else "")
-    return TvmflowError(f"{report['precision']} validation failed ({report['validation']['reason']}); nothing "
-                        f"published{hint}; per-layer report in {folder / 'report.md'}")
-
-
-precision_task = task(lower_precision, name="precision", cache_policy=NO_CACHE)

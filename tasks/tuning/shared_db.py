@@ -11,6 +11,10 @@ Before tuning, `plan_reuse` splits a model's tasks: a workload with records for 
 requested trials is reused (zero new trials); one with fewer is warm-started from its records;
 the rest are tuned fresh. Matching is MetaSchedule's structural hash, so another model with the
 same layers (ResNet-34 after ResNet-18) finds them. Records from another target are ignored.
+A retune (or a --refresh run) asks for trials on top of what was paid: `reuse_paid=False` then
+warm-starts every task that has trials instead of reusing its records as they are.
+
+Results cross this module as JSON dicts (tasks.records.TaskResult.to_json()): it stores them.
 """
 from __future__ import annotations
 
@@ -22,12 +26,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.storage import cache
 from tasks.devices.profiles import DeviceProfile
-from tasks.tuning.extract import TuningTask
-from tasks.tuning.pick_best import DB_FILES, has_db, merge_databases, open_db
+from tasks.runlog import run_logger
+from tasks.storage import cache
 from tasks.storage.publish import join, safe_segment, store_fs, uri_of
 from tasks.storage.store import is_local, store_error, write_atomic
+from tasks.tuning.extract import TuningTask
+from tasks.tuning.pick_best import DB_FILES, has_db, merge_databases, open_db
 
 log = logging.getLogger("tvmflow.tuning_store")
 META = "meta.json"
@@ -170,7 +175,8 @@ def _write_records(records, folder: Path) -> Path:
     return folder
 
 
-def plan_reuse(plan: list[TuningTask], shared: SharedTuning, work_dir: str | Path) -> ReusePlan:
+def plan_reuse(plan: list[TuningTask], shared: SharedTuning, work_dir: str | Path,
+               reuse_paid: bool = True) -> ReusePlan:
     """Split `plan` into reused / warm-started / fresh tasks (see the module docstring)."""
     work_dir = Path(work_dir)
     db = open_db(shared.db_dir) if shared.db_dir else None
@@ -181,7 +187,7 @@ def plan_reuse(plan: list[TuningTask], shared: SharedTuning, work_dir: str | Pat
         records = _records_for(db, task.mod_json) if db is not None else []
         paid = shared.trials.get(keys[task.name], 0) if records else 0
         reuse.prior[task.name] = paid
-        if records and paid >= task.trials:
+        if records and (paid >= task.trials if reuse_paid else task.trials <= 0):
             secs = [float(s) for s in records[0].run_secs or []]
             folder = _write_records(records, work_dir / "reused" / keys[task.name])
             reuse.reused[task.name] = {
@@ -298,19 +304,12 @@ def compact(store: str, device: DeviceProfile, work_dir: str | Path) -> int:
     return len(folded)
 
 
-def prepare(store: str, device: DeviceProfile, plan: list[TuningTask], work_dir: str | Path) -> ReusePlan:
-    """load_shared + plan_reuse, logged: the compile flow's step before tuning."""
-    from tasks.steps import _logger
-
-    reuse = plan_reuse(plan, load_shared(store, device, Path(work_dir) / "shared-tuning"), work_dir)
+def prepare(store: str, device: DeviceProfile, plan: list[TuningTask], work_dir: str | Path,
+            reuse_paid: bool = True) -> ReusePlan:
+    """load_shared + plan_reuse, logged: the pipeline's step before tuning (compile and retune)."""
+    reuse = plan_reuse(plan, load_shared(store, device, Path(work_dir) / "shared-tuning"), work_dir, reuse_paid)
     s = reuse.summary()
-    _logger().info(f"shared tuning database ({s['shards']} shards): {s['reused']} tasks reused, "
-                   f"{s['warm_started']} warm-started, {s['fresh']} tuned fresh")
+    run_logger().info(f"shared tuning database ({s['shards']} shards): {s['reused']} tasks reused, "
+                      f"{s['warm_started']} warm-started, {s['fresh']} tuned fresh")
     return reuse
 
-
-from prefect import task  # noqa: E402 - the wrappers below are the only Prefect-aware part
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
-prepare_task = task(prepare, name="shared-tuning", cache_policy=NO_CACHE)
-push_run_task = task(push_run, name="save-tuning", cache_policy=NO_CACHE)

@@ -86,8 +86,8 @@ def test_aarch64_profile_cross_compiles_mnist(tmp_path, mnist_pt2):
 
 
 def test_aarch64_has_no_local_workers_and_says_so():
-    from tasks.steps import device_workers
+    from tasks.devices.session import DeviceSession
 
     with pytest.raises(TvmflowError, match="has no local workers: pass --tracker"):
-        with device_workers(get_device("aarch64-linux"), None, 5):
-            pass
+        with DeviceSession(get_device("aarch64-linux"), None, 5) as session:
+            session.start()

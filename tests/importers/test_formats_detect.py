@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from tasks.errors import TvmflowError
-from tasks.importers.formats import fetch_model_files
+from tasks.importers.model_import import fetch_model_files
 from tasks.importers.model_import import detect_format
-from tasks.steps import fetch_model
+from tasks.pipeline import fetch_model
 
 LISTED = ("ONNX", ".pt2", "Keras 3", ".keras", "arch.json+weights.h5", "TFLite", "MXNet", "-symbol.json")
 
@@ -31,7 +31,7 @@ def test_unknown_content_error_lists_the_supported_formats(tmp_path):
         out.writestr("readme.txt", "not a model")
     with pytest.raises(TvmflowError) as info:
         detect_format(other_zip)
-    assert "not a torch.export .pt2 (nor a Keras .keras file)" in str(info.value) and _lists_every_format(str(info.value))
+    assert "not a torch.export .pt2 (nor a Keras .keras file, nor TorchScript)" in str(info.value) and _lists_every_format(str(info.value))
 
 
 def test_hdf5_and_json_that_are_not_models(tmp_path):

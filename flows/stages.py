@@ -1,0 +1,102 @@
+"""The pipeline's stages as Prefect tasks over typed records, shared by compile and retune:
+
+    fetch -> import -> precision -> extract-tasks -> shared-tuning -> tune-* (fan-out) ->
+    pick-best -> save-tuning -> build -> validate -> publish
+
+Each task wraps a plain function of tasks/ (tasks.pipeline, tasks.tuning.shared_db,
+tasks.storage.publish); the flows only decide what to run. Caching is tasks.storage.cache's
+(content keys; see its docstring for why not Prefect's), so every task runs with NO_CACHE.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import tvm
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flows.fanout import tune_fanout
+from tasks import pipeline
+from tasks.devices.session import DeviceSession
+from tasks.records import Build, BuildReport, PreparedModel, TaskResult, Tuning, TuningPlan
+from tasks.storage.cache import tvmflow_version
+from tasks.storage.publish import build_prefix, new_build_id, publish_build, uri_of
+from tasks.tuning import shared_db
+from tasks.tuning.pick_best import has_db, merge_databases
+
+fetch = task(pipeline.fetch_model, name="fetch", cache_policy=NO_CACHE)
+import_model = task(pipeline.import_stage, name="import", cache_policy=NO_CACHE)
+precision = task(pipeline.precision_stage, name="precision", cache_policy=NO_CACHE)
+plan = task(pipeline.plan_tuning, name="extract-tasks", cache_policy=NO_CACHE)
+shared_tuning = task(shared_db.prepare, name="shared-tuning", cache_policy=NO_CACHE)
+save_tuning = task(shared_db.push_run, name="save-tuning", cache_policy=NO_CACHE)
+pick_best = task(pipeline.pick_best, name="pick-best", cache_policy=NO_CACHE)
+build = task(pipeline.build, name="build", cache_policy=NO_CACHE)
+validate = task(pipeline.validate, name="validate", cache_policy=NO_CACHE)
+
+
+def tune(tuning_plan: TuningPlan, session: DeviceSession, store: str, work_dir: Path, model: str,
+         extra_seed: Path | None = None, reuse_paid: bool = True, dask_address: str | None = None,
+         refresh: bool = False) -> Tuning:
+    """Seed from the shared per-device database, tune what is left (fan-out), push what was
+    measured back to it. `extra_seed` (retune: LATEST's database) joins the warm start;
+    `reuse_paid=False` (retune, --refresh) tunes every task with trials instead of reusing it."""
+    started = time.monotonic()
+    reuse = shared_tuning(store, session.profile, tuning_plan.tasks, work_dir, reuse_paid and not refresh)
+    seed = reuse.seed_db_dir
+    if extra_seed is not None and has_db(extra_seed) and reuse.to_tune:
+        merged = work_dir / "seed-with-latest"
+        merged.mkdir(parents=True, exist_ok=True)
+        merge_databases([d for d in (seed, extra_seed) if d], merged)
+        seed = str(merged)
+    tuned: list[TaskResult] = []
+    if reuse.to_tune:  # device workers start here, only when something is left to measure
+        tuned = tune_fanout(reuse.to_tune, session.address, seed_db_dir=seed, dask_address=dask_address,
+                            refresh=refresh)
+    ordered = reuse.results([r.to_json() for r in tuned], tuning_plan.tasks)
+    results = [TaskResult.from_json(r) for r in ordered]
+    shard = save_tuning(store, session.profile, reuse, ordered, work_dir, model)
+    return Tuning(results, round(time.monotonic() - started, 1), {**reuse.summary(), "shard": shard})
+
+
+def pick_and_build(prepared: PreparedModel, tuning: Tuning, session: DeviceSession, work_dir: Path,
+                   extra_sources: list[Path] | None = None, refresh: bool = False) -> Build:
+    """Best record per workload (this run's, reused and `extra_sources`), then the library."""
+    sources = [*(extra_sources or []), *(r.db_dir for r in tuning.results if r.db_dir)]
+    db_dir, records = pick_best(sources, work_dir / "database", session.profile)
+    return build(prepared, session.profile, db_dir, records, refresh)
+
+
+def make_report(prepared: PreparedModel, session: DeviceSession, tuning_plan: TuningPlan, tuning: Tuning,
+                built: Build, run, validation, framework_ms: float, dataset, **extra) -> BuildReport:
+    """The BuildReport of one validated (or failed) build; `extra` sets the optional fields."""
+    source, profile = prepared.source, session.profile
+    hits = list(prepared.cache_hits)
+    tuned_hits = sum(1 for r in tuning.results if r.cached or r.reused)  # stage cache or shared db
+    if tuned_hits:
+        hits.append(f"tune ({tuned_hits}/{len(tuning.results)} tasks)")
+    if built.cached:
+        hits.append("build")
+    return BuildReport(
+        model=source.name, model_sha256=source.sha256, device=profile.name, target=profile.target,
+        tvm_version=tvm.__version__, tvmflow_version=tvmflow_version(), precision=prepared.precision,
+        framework=source.framework, inputs=[str(s) for s in prepared.specs], data=dataset.source,
+        tasks=len(tuning_plan.tasks), trials=tuning.new_trials,
+        trials_total=sum(r.trials_run for r in tuning.results), tuning=tuning.results,
+        untuned_tasks=tuning.untuned, records=built.records, latency_ms=run.median_ms, latency_p90_ms=run.p90_ms,
+        validation=validation, reference={"framework": source.framework, "latency_ms": framework_ms},
+        cache_hits=hits, tuning_seconds=tuning.seconds, tuning_reuse=tuning.reuse,
+        precision_info=prepared.precision_info, operator_choices=list(built.choices), **extra)
+
+
+@task(name="publish", cache_policy=NO_CACHE)
+def publish(store: str, report: BuildReport, built: Build, work_dir: Path) -> BuildReport:
+    """Upload library, tuning database and report; manifest and LATEST last (tasks.storage.publish)."""
+    build_id = new_build_id()
+    report.build_id = build_id
+    report.build_uri = uri_of(store, build_prefix(store, report.model, report.device, build_id))
+    files = pipeline.report_files(report, built, work_dir / "report")
+    published = publish_build(store, report.model, report.device, files, report.manifest_meta(), build_id)
+    report.build_uri, report.manifest_uri = published["build_uri"], published["manifest_uri"]
+    return report
