@@ -168,7 +168,7 @@ def _tvm_outputs(vm, dataset, names):
 def _ort_run(path: Path, dataset, names):
     import onnxruntime as ort
 
-    from tasks.importers.reference import _median_ms
+    from tasks.importers.timing import median_ms as _median_ms
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tasks.errors import TvmflowError
-from tasks.importers.formats import fetch_model_files
+from tasks.importers.model_import import fetch_model_files
 from tasks.importers.model_import import detect_format, import_model, model_name, parse_input_spec
 from tests.format_models import MXNET_INPUT, mxnet_gluon_cnn
 

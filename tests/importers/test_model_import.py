@@ -162,12 +162,15 @@ def test_wrong_input_shape_for_onnx(tmp_path):
         import_model(path, [parse_input_spec("y:1x4:float32")])
 
 
-def test_dynamic_onnx_needs_and_accepts_input_spec(tmp_path):
+def test_dynamic_batch_becomes_one_or_batch_or_input_spec(tmp_path):
     path = _dynamic_onnx(tmp_path / "dyn.onnx")
-    with pytest.raises(TvmflowError, match="dynamic shape"):
-        import_model(path)
+    imported = import_model(path)
+    assert imported.inputs == [InputSpec("x", (1, 4), "float32")]
+    assert [n for n in imported.notes if "batch" in n] == [
+        "dynamic batch dimension of input(s) x set to 1 (pass --batch N for another)"]
+    assert import_model(path, batch=2).inputs == [InputSpec("x", (2, 4), "float32")]
     imported = import_model(path, [parse_input_spec("x:3x4:float32")])
-    assert imported.inputs == [InputSpec("x", (3, 4), "float32")]
+    assert imported.inputs == [InputSpec("x", (3, 4), "float32")] and imported.notes == []
 
 
 def test_import_pt2(mnist_pt2):

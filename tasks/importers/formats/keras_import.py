@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from tasks.errors import TvmflowError
-
-ARCH, WEIGHTS = "model.json", "weights.h5"  # names inside a fetched json+weights bundle
+from tasks.importers.formats.torch_import import relax_from_program
+from tasks.importers.bundles import ARCH, WEIGHTS, dir_parts, head, is_architecture_json, zip_names
+from tasks.importers.types import Importer, ImportedModel, InputSpec, UnknownFormat, resolve_checked
 
 
 def _keras():
@@ -56,14 +57,6 @@ def h5_kind(path: Path) -> str:
     return ""
 
 
-def is_architecture_json(text: str) -> bool:
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return False
-    return isinstance(data, dict) and "class_name" in data and "config" in data
-
-
 def load_model(path: Path):
     """The Keras model of a .keras / full .h5 file or of a json+weights bundle directory.
 
@@ -92,15 +85,13 @@ def load_model(path: Path):
             raise TvmflowError(f"Keras could not load {path.name}: {str(err).strip().splitlines()[0][:300]}") from None
 
 
-def _input_specs(model, overrides):
-    from tasks.importers.model_import import InputSpec, check_overrides
-
+def _input_specs(model, overrides, batch=None):
     specs = []
     for tensor in model.inputs:
-        shape = tuple(1 if i == 0 and d is None else (-1 if d is None else int(d)) for i, d in enumerate(tensor.shape))
+        shape = tuple(-1 if d is None else int(d) for d in tensor.shape)
         name = re.sub(r"\W", "_", tensor.name.split(":")[0]) or "input"
         specs.append(InputSpec(name, shape, str(tensor.dtype).replace("torch.", "")))
-    return check_overrides(specs, overrides)
+    return resolve_checked(specs, overrides, batch)
 
 
 def _named_wrapper(model, names: list[str]):
@@ -116,20 +107,19 @@ def _named_wrapper(model, names: list[str]):
     return wrapper
 
 
-def import_keras(path: Path, overrides=None):
+def import_keras(path: Path, overrides=None, batch: int | None = None) -> ImportedModel:
     import torch
 
-    from tasks.importers.model_import import ImportedModel, relax_from_program
-
     model = load_model(path)
-    specs = _input_specs(model, overrides)
+    resolved = _input_specs(model, overrides, batch)
+    specs = resolved.specs
     example = tuple(torch.zeros(s.shape, dtype=getattr(torch, s.dtype)) for s in specs)
     try:
         with torch.no_grad():
             program = torch.export.export(_named_wrapper(model, [s.name for s in specs]).eval(), example)
     except Exception as err:  # noqa: BLE001
         raise TvmflowError(f"torch.export of the Keras model failed: {str(err).strip().splitlines()[0][:300]}") from None
-    return ImportedModel(relax_from_program(program, "Keras (torch)"), specs, "keras")
+    return ImportedModel(relax_from_program(program, "Keras (torch)"), specs, "keras", resolved.notes)
 
 
 def export_onnx(path: Path, out_path: Path, names: list[str]) -> Path:
@@ -137,7 +127,7 @@ def export_onnx(path: Path, out_path: Path, names: list[str]) -> Path:
     import torch
 
     model = load_model(path)
-    specs = _input_specs(model, None)
+    specs = _input_specs(model, None).specs
     example = tuple(torch.zeros(s.shape, dtype=getattr(torch, s.dtype)) for s in specs)
     program = torch.export.export(_named_wrapper(model, [s.name for s in specs]).eval(), example)
     torch.onnx.export(program, (), str(out_path), dynamo=True, external_data=False, verbose=False)
@@ -157,8 +147,28 @@ class KerasRunner:
         return [np.asarray(o) for o in outs]
 
 
-def write_bundle(parts: dict[str, bytes], dest: Path) -> None:
-    """Lay out an architecture json + weights h5 pair under the names load_model expects."""
-    for role, data in parts.items():
-        (dest / (ARCH if role == "keras-arch" else WEIGHTS)).write_bytes(data)
+def detect(path: Path) -> bool:
+    """A .keras zip, a full-model .h5, or a bundle directory with an architecture json."""
+    path = Path(path)
+    if path.is_dir():
+        return "keras-arch" in dir_parts(path)
+    names = zip_names(path)
+    if names is not None:
+        return is_keras_zip(names)
+    start = head(path)
+    if start.startswith(b"\x89HDF"):
+        kind = h5_kind(path)
+        if kind.startswith("weights"):
+            raise TvmflowError(f"{path.name} holds Keras weights only; give the architecture too: "
+                               f"--model arch.json+{path.name}")
+        if kind != "model":
+            raise UnknownFormat(f"{path.name} is an HDF5 file but not a Keras model")
+        return True
+    if start.lstrip()[:1] == b"{" and is_architecture_json(path.read_text(errors="replace")):
+        raise TvmflowError(f"{path.name} is a Keras architecture without weights; give --model {path.name}+weights.h5")
+    return False
 
+
+IMPORTER = Importer(format="keras", framework="keras",
+                    description="Keras 3 (.keras, full-model .h5, or arch.json+weights.h5)",
+                    detect=detect, import_=import_keras, reference=KerasRunner, export_onnx=export_onnx)

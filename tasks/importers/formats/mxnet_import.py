@@ -21,24 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from tasks.errors import TvmflowError
+from tasks.importers.bundles import PARAMS, SYMBOL, dir_parts, head, is_params, is_symbol_json
+from tasks.importers.formats.onnx_import import import_onnx
+from tasks.importers.types import Importer, ImportedModel
 
 ROOT = Path(__file__).resolve().parents[3]
 TOOL = Path(__file__).with_name("mxnet_tool.py")
-PARAMS_MAGIC = (0x112).to_bytes(8, "little")  # kMXAPINDArrayListMagic: the .params file header
-SYMBOL, PARAMS = "model-symbol.json", "model-0000.params"  # names inside a fetched bundle
 SETUP_HINT = "run `bash scripts/setup-mxnet.sh` (it creates .venv-mxnet with MXNet 1.9.1; the main env stays as it is)"
-
-
-def is_params(data: bytes) -> bool:
-    return data[:8] == PARAMS_MAGIC
-
-
-def is_symbol_json(text: str) -> bool:
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return False
-    return isinstance(data, dict) and "nodes" in data and "arg_nodes" in data and "heads" in data
 
 
 def converter_python() -> Path:
@@ -49,17 +38,10 @@ def converter_python() -> Path:
     return python
 
 
-def write_bundle(parts: dict[str, bytes], dest: Path) -> None:
-    (dest / SYMBOL).write_bytes(parts["mxnet-symbol"])
-    (dest / PARAMS).write_bytes(parts["mxnet-params"])
-
-
 def _files(path: Path) -> tuple[Path, Path]:
     if (path / SYMBOL).exists():
         return path / SYMBOL, path / PARAMS
-    from tasks.importers.formats import _dir_parts
-
-    parts = _dir_parts(path)
+    parts = dir_parts(path)
     return parts["mxnet-symbol"], parts["mxnet-params"]
 
 
@@ -98,12 +80,10 @@ def converted_onnx(path: Path) -> Path:
     return latest.parent / latest.read_text().strip()
 
 
-def import_mxnet(path: Path, overrides=None):
-    from tasks.importers.model_import import ImportedModel, import_onnx
-
+def import_mxnet(path: Path, overrides=None, batch: int | None = None) -> ImportedModel:
     onnx_path = convert(path, overrides)
-    imported = import_onnx(onnx_path, None)
-    return ImportedModel(imported.mod, imported.inputs, "mxnet")
+    imported = import_onnx(onnx_path, None, batch)
+    return ImportedModel(imported.mod, imported.inputs, "mxnet", imported.notes)
 
 
 class MXNetRunner:
@@ -165,6 +145,23 @@ def _stop(proc: subprocess.Popen, tmp) -> None:
             proc.kill()
             proc.wait()
     tmp.cleanup()
+
+
+def detect(path: Path) -> bool:
+    """A bundle directory with a symbol json; a lone symbol json is an error naming the params to add."""
+    path = Path(path)
+    if path.is_dir():
+        return "mxnet-symbol" in dir_parts(path)
+    if head(path).lstrip()[:1] == b"{" and is_symbol_json(path.read_text(errors="replace")):
+        raise TvmflowError(f"{path.name} is an MXNet symbol without its weights; give "
+                           f"--model {path.name}+<prefix>-NNNN.params, or keep the params next to a -symbol.json")
+    return False
+
+
+IMPORTER = Importer(format="mxnet", framework="mxnet",
+                    description="MXNet Gluon export (prefix-symbol.json [+ prefix-NNNN.params], optional extra)",
+                    detect=detect, import_=import_mxnet, reference=MXNetRunner,
+                    export_onnx=lambda path, out, names: converted_onnx(path))
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m tasks.importers.formats.mxnet_import` prints where it looks

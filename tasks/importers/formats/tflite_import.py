@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from tasks.errors import TvmflowError
+from tasks.importers.bundles import head
+from tasks.importers.types import Importer, ImportedModel, InputSpec, ResolvedInputs, import_failed, resolve_checked
 
 MAGIC = b"TFL3"
 
@@ -48,10 +50,8 @@ def _type_name(code: int) -> str:
             "int32": "int32", "int64": "int64", "bool": "bool"}.get(names.get(code, ""), "float32")
 
 
-def input_specs(path: Path, overrides=None):
+def input_specs(path: Path, overrides=None, batch: int | None = None) -> ResolvedInputs:
     """The subgraph's inputs (name, static shape, dtype); --input may fix dynamic dims."""
-    from tasks.importers.model_import import InputSpec, check_overrides
-
     _, subgraph = load(path)
     specs = []
     for index in subgraph.InputsAsNumpy():
@@ -59,25 +59,23 @@ def input_specs(path: Path, overrides=None):
         sig = tensor.ShapeSignatureAsNumpy() if tensor.ShapeSignatureLength() else tensor.ShapeAsNumpy()
         dims = tuple(int(d) for d in sig) if not isinstance(sig, int) else ()
         specs.append(InputSpec(tensor.Name().decode(), dims, _type_name(tensor.Type())))
-    return check_overrides(specs, overrides)
+    return resolve_checked(specs, overrides, batch)
 
 
-def import_tflite(path: Path, overrides=None):
+def import_tflite(path: Path, overrides=None, batch: int | None = None) -> ImportedModel:
     from tvm.relax.frontend.tflite import from_tflite
 
-    from tasks.importers.model_import import ImportedModel, _unsupported
-
     model, _ = load(path)
-    specs = input_specs(path, overrides)
+    resolved = input_specs(path, overrides, batch)
+    specs = resolved.specs
     try:
         mod = from_tflite(model, shape_dict={s.name: s.shape for s in specs},
                           dtype_dict={s.name: s.dtype for s in specs})
     except Exception as err:  # noqa: BLE001 - the importer raises many types
-        raise _tflite_unsupported(err) or _unsupported(err) or TvmflowError(
-            f"TFLite import failed: {str(err).strip().splitlines()[-1][:300]}") from None
+        raise _tflite_unsupported(err) or import_failed("TFLite", err) from None
     # the weights are inline constants already; the "params" attribute only duplicates them
     mod["main"] = mod["main"].without_attr("params")
-    return ImportedModel(mod, specs, "tflite")
+    return ImportedModel(mod, specs, "tflite", resolved.notes)
 
 
 def _tflite_unsupported(err: Exception) -> TvmflowError | None:
@@ -110,3 +108,15 @@ class TFLiteRunner:
             self._interp.set_tensor(self._in[name], np.ascontiguousarray(sample[name]))
         self._interp.invoke()
         return [np.array(self._interp.get_tensor(i)) for i in self._out]
+
+
+def detect(path: Path) -> bool:
+    """The flatbuffer identifier; a truncated model fails here with a clear error."""
+    if not is_tflite(head(path)):
+        return False
+    load(path)
+    return True
+
+
+IMPORTER = Importer(format="tflite", framework="tflite", description="TFLite (.tflite)",
+                    detect=detect, import_=import_tflite, reference=TFLiteRunner)
