@@ -32,8 +32,47 @@ def fuse_passes(target) -> list:
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
 
-def prepare_for_tuning(mod, target, max_rounds: int = 6):
+LAYOUTS = ("NCHW", "NHWC")
+
+
+def fold_batchnorm(mod):
+    """BatchNorm folded into the preceding conv's weights and bias, constants folded.
+
+    Without it every conv task is conv2d_subtract_divide_multiply_add (a divide per output
+    element) and ResNet-18 has 24 tasks instead of 19; onnxruntime folds BN the same way.
+    A no-op for modules without conv2d + batch_norm (QDQ imports come folded already)."""
+    from tvm import relax
+
+    mod = relax.transform.FoldBatchnormToConv2D()(mod)
+    return relax.transform.FoldConstant()(mod)
+
+
+def convert_layout(mod, layout: str):
+    """Convolutions (and the element-wise ops around them) in `layout`; weights transposed once
+    at compile time (FoldConstant). NHWC is what oneDNN's and MetaSchedule's CPU kernels like
+    best on AVX-512; which layout is faster is measured per device (bench/cpu_vs_ort.py)."""
+    from tvm import relax
+
+    from tasks.errors import TvmflowError
+
+    if layout not in LAYOUTS:
+        raise TvmflowError(f"layout {layout!r} is not supported: use one of {', '.join(LAYOUTS)}")
+    if layout == "NCHW":
+        return mod
+    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
+    return relax.transform.FoldConstant()(mod)
+
+
+def prepare_for_tuning(mod, target, max_rounds: int = 6, fold_bn: bool = True, layout: str = "NCHW",
+                       vendor: str | None = None, vendor_only: set | None = None):
     """Lower and fuse Relax until fusion changes nothing more, then extract from that.
+
+    Graph preparation first (each step keeps outputs equal to the source framework, see
+    tests/tuning/test_extract.py): BatchNorm folded into convs (`fold_bn`), the conv layout
+    (`layout`, "NCHW" or "NHWC"), and with `vendor="dnnl"` float conv2d / dense layers become
+    extern calls to oneDNN (tasks.build.cpu_vendor; `vendor_only`: just those operator ids, the
+    per-operator pick-best's winners; `vendor="cblas"`: OpenBLAS), so they are neither tuned nor
+    lowered to TIR.
 
     compile_relax fuses the module it is given once more before applying the database. After a
     single fusion round that second round still changes kernels (same names, other bodies), so
@@ -51,6 +90,13 @@ def prepare_for_tuning(mod, target, max_rounds: int = 6):
     from tasks.build.int8_pack import pack_int8_layers
 
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
+    if fold_bn:
+        mod = fold_batchnorm(mod)
+    mod = convert_layout(mod, layout)
+    if vendor:
+        from tasks.build.cpu_vendor import offload
+
+        mod = offload(mod, target, only=vendor_only, backend=vendor).mod
     mod = pack_int8_layers(mod, target)
     mod = relax.transform.DecomposeOpsForInference()(mod)
     with target:
