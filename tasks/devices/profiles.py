@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from tasks.devices import android
 from tasks.errors import TvmflowError
 
 FLEET_FILE = Path(__file__).resolve().parents[2] / "deployments" / "devices.yaml"
@@ -42,6 +43,9 @@ class DeviceProfile:
         """The `fcompile` for export_library: the cross compiler, or None for the host's."""
         if not self.cross_compiler:
             return None
+        if self.cross_compiler == android.MARKER:  # the NDK's clang, from ANDROID_NDK_HOME / TVM_NDK_CC
+            return android.ndk_fcompile(int(self.extra.get("android_api", android.DEFAULT_API)),
+                                        self.target.get("mtriple", "aarch64-linux-android"))
         if shutil.which(self.cross_compiler) is None:
             raise TvmflowError(
                 f"cross compiler {self.cross_compiler!r} for device {self.name!r} is not installed; "
