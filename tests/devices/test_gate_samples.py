@@ -73,3 +73,24 @@ def test_examples_name_the_top5_classes():
     row = val.examples[0]
     assert row["file"] == "coffee.jpg" and row["label"] == 967
     assert row["framework"][0][:2] == [967, "espresso"] and row["device"] == row["framework"]
+
+
+def test_onnxruntime_int8_baseline_on_a_real_onnx_model(mnist_onnx, tmp_path):
+    """onnxruntime's own int8 of the real MNIST CNN, calibrated on real digits, measured on other
+    digits: the bar a tvmflow int8 build of the same ONNX file is held to."""
+    import onnxruntime as ort
+
+    from tasks.devices.validate import onnxruntime_int8_outputs
+    from tasks.importers.datasets import load_dataset
+    from tasks.importers.model_import import import_onnx
+
+    specs = import_onnx(mnist_onnx).inputs
+    name = specs[0].name
+    calibration, data = load_dataset("bundled:mnist:32", specs), load_dataset("bundled:mnist:20:1000", specs)
+    samples = [data.sample(i) for i in range(len(data))]
+    fp32 = ort.InferenceSession(str(mnist_onnx), providers=["CPUExecutionProvider"])
+    ref = [[np.asarray(o) for o in fp32.run(None, {fp32.get_inputs()[0].name: s[name]})] for s in samples]
+    int8 = onnxruntime_int8_outputs(mnist_onnx, calibration, samples, [name], tmp_path)
+    assert len(int8) == 20 and not np.array_equal(int8[0][0], ref[0][0])  # really quantized
+    val = compare(ref, ref, "int8", data.labels, baseline_outputs=int8)
+    assert val.passed and val.baseline["top1_agreement"] >= 0.9 and val.baseline["accuracy"] >= 0.9
