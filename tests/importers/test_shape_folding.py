@@ -67,15 +67,17 @@ def test_torch_exported_pads_fold_import_and_compile(tmp_path):
 
 
 def test_efficientnet_lite0_exported_the_standard_way_imports(tmp_path):
-    """The real model of issue 16: torch.onnx.export writes 17 dynamic Pads; folded, it imports."""
+    """The real model of issue 16: torch.onnx.export writes 17 dynamic Pads (and a dynamic batch);
+    folded for batch 1, it imports with no --input."""
     from tasks.importers.bundled import efficientnet_lite0
 
     model, example = efficientnet_lite0()
-    path = _export(model, tmp_path / "efficientnet_lite0.onnx", example[0].shape, dynamic_batch=False)
+    path = _export(model, tmp_path / "efficientnet_lite0.onnx", example[0].shape)  # dynamic batch, as exported usually
     pads_before = sum(n.op_type == "ConstantOfShape" for n in onnx.load(str(path)).graph.node)
     assert pads_before >= 10
-    imported = import_model(path)
+    imported = import_model(path)  # no --input
     assert imported.inputs == [InputSpec("input", (1, 3, 224, 224), "float32")]
+    assert sum("dynamic batch" in n for n in imported.notes) == 1
     folded = [n for n in imported.notes if n.startswith("folded")]
     assert len(folded) == 1 and f"ConstantOfShape {pads_before}" in folded[0]
 
