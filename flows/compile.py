@@ -9,12 +9,12 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import stages
-from tasks import pipeline
+from tasks import pipeline, progress
 from tasks.devices.profiles import get_device
 from tasks.devices.session import DeviceSession
 from tasks.importers.bundled import DEFAULT_DATA, DEFAULT_MODEL
 from tasks.importers.datasets import load_dataset
-from tasks.importers.model_import import parse_input_spec
+from tasks.importers.model_import import model_name, parse_input_spec
 from tasks.precision.policy import check_precision
 from tasks.precision.policy import precision_warning as slow_precision_warning
 from tasks.precision.stage import PrecisionOptions
@@ -40,6 +40,7 @@ def compile_flow(model: str = DEFAULT_MODEL, device: str = "local", trials: int 
     `precision_options` (tasks.precision.stage.PrecisionOptions fields): calibration URI, method,
     keep_float, allow/deny lists for fp16/bf16/int8. `refresh` ignores every cached stage output."""
     started = time.monotonic()
+    progress.update(stage="check", model=model_name(model), device=device)
     profile = get_device(device)
     safe_segment(device, "device")
     check_store(store)  # a wrong bucket or key fails now, not after hours of tuning

@@ -11,6 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from tasks import progress
 from tasks.devices.session import DeviceAddress
 from tasks.pipeline import tune_one
 from tasks.records import TaskResult
@@ -35,12 +36,17 @@ def _runner(dask_address: str | None):
     return DaskTaskRunner(address=address)
 
 
-def _collect(futures) -> list[TaskResult]:
+def _collect(futures, plan: list[TuningTask]) -> list[TaskResult]:
     results = []
+    budget = sum(t.trials for t in plan)
     for future in futures:
         data = future.result()
         data["db_dir"] = unpack_db(data.pop("db_files", None), "tuned-db") or ""
         results.append(TaskResult.from_json(data))
+        best = [r.best_ms for r in results if r.best_ms is not None]
+        progress.update(stage="tune", task=len(results), of=len(plan), name=results[-1].name,
+                        trials=sum(t.trials for t in plan[:len(results)]), budget=budget,
+                        task_best_ms=results[-1].best_ms, best_ms=min(best) if best else None)
     return results
 
 
@@ -54,10 +60,11 @@ def tune_fanout(plan: list[TuningTask], device: DeviceAddress, seed_db_dir: str 
     """
     if not plan:
         return []
+    progress.update(stage="tune", task=0, of=len(plan), trials=0, budget=sum(t.trials for t in plan))
     seed = pack_db(seed_db_dir)
     calls = [{"task_": t, "device": device, "label": f"[{i + 1}/{len(plan)}]", "seed": seed, "refresh": refresh}
              for i, t in enumerate(plan)]
     if not dask_address:
-        return _collect([tune_portable.submit(**c) for c in calls])
+        return _collect([tune_portable.submit(**c) for c in calls], plan)
     with _runner(dask_address) as runner:
-        return _collect([runner.submit(tune_portable, c) for c in calls])
+        return _collect([runner.submit(tune_portable, c) for c in calls], plan)

@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import stages
-from tasks import retune
+from tasks import progress, retune
 from tasks.devices.profiles import DeviceProfile
 from tasks.devices.session import DeviceSession
 from tasks.errors import TvmflowError
@@ -50,6 +50,7 @@ def _retune(entry, session: DeviceSession, store, budget, dask_address, run_prec
             refresh, work_dir: Path, outcome: retune.Outcome) -> None:
     started = time.monotonic()
     profile = session.profile
+    progress.update(stage="fetch", model=entry.name, device=profile.name)
     specs_in = [parse_input_spec(s) for s in entry.inputs]
     source = stages.fetch(entry.model, specs_in)
     latest = retune.latest_build(store, source.name, profile.name, work_dir / "latest")

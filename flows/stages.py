@@ -9,6 +9,7 @@ tasks.storage.publish); the flows only decide what to run. Caching is tasks.stor
 """
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -17,23 +18,41 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flows.fanout import tune_fanout
-from tasks import pipeline
+from tasks import pipeline, progress
 from tasks.devices.session import DeviceSession
-from tasks.records import Build, BuildReport, PreparedModel, TaskResult, Tuning, TuningPlan
+from tasks.records import (
+    Build,
+    BuildReport,
+    PreparedModel,
+    TaskResult,
+    Tuning,
+    TuningPlan,
+)
 from tasks.storage.cache import tvmflow_version
 from tasks.storage.publish import build_prefix, new_build_id, publish_build, uri_of
 from tasks.tuning import shared_db
 from tasks.tuning.pick_best import has_db, merge_databases
 
-fetch = task(pipeline.fetch_model, name="fetch", cache_policy=NO_CACHE)
-import_model = task(pipeline.import_stage, name="import", cache_policy=NO_CACHE)
-precision = task(pipeline.precision_stage, name="precision", cache_policy=NO_CACHE)
-plan = task(pipeline.plan_tuning, name="extract-tasks", cache_policy=NO_CACHE)
-shared_tuning = task(shared_db.prepare, name="shared-tuning", cache_policy=NO_CACHE)
-save_tuning = task(shared_db.push_run, name="save-tuning", cache_policy=NO_CACHE)
-pick_best = task(pipeline.pick_best, name="pick-best", cache_policy=NO_CACHE)
-build = task(pipeline.build, name="build", cache_policy=NO_CACHE)
-validate = task(pipeline.validate, name="validate", cache_policy=NO_CACHE)
+
+def _stage(fn, name: str):
+    """`fn` as a Prefect task named `name` that first reports the stage (tasks.progress)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        progress.update(stage=name)
+        return fn(*args, **kwargs)
+
+    return task(run, name=name, cache_policy=NO_CACHE)
+
+
+fetch = _stage(pipeline.fetch_model, "fetch")
+import_model = _stage(pipeline.import_stage, "import")
+precision = _stage(pipeline.precision_stage, "precision")
+plan = _stage(pipeline.plan_tuning, "extract-tasks")
+shared_tuning = _stage(shared_db.prepare, "shared-tuning")
+save_tuning = _stage(shared_db.push_run, "save-tuning")
+pick_best = _stage(pipeline.pick_best, "pick-best")
+build = _stage(pipeline.build, "build")
+validate = _stage(pipeline.validate, "validate")
 
 
 def tune(tuning_plan: TuningPlan, session: DeviceSession, store: str, work_dir: Path, model: str,
@@ -93,10 +112,12 @@ def make_report(prepared: PreparedModel, session: DeviceSession, tuning_plan: Tu
 @task(name="publish", cache_policy=NO_CACHE)
 def publish(store: str, report: BuildReport, built: Build, work_dir: Path) -> BuildReport:
     """Upload library, tuning database and report; manifest and LATEST last (tasks.storage.publish)."""
+    progress.update(stage="publish")
     build_id = new_build_id()
     report.build_id = build_id
     report.build_uri = uri_of(store, build_prefix(store, report.model, report.device, build_id))
     files = pipeline.report_files(report, built, work_dir / "report")
     published = publish_build(store, report.model, report.device, files, report.manifest_meta(), build_id)
     report.build_uri, report.manifest_uri = published["build_uri"], published["manifest_uri"]
+    progress.update(stage="publish", done=True)
     return report

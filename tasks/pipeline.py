@@ -17,16 +17,45 @@ from tasks.devices.profiles import DeviceProfile
 from tasks.devices.session import DeviceAddress, DeviceSession
 from tasks.devices.validate import DeviceRun, Validation, compare
 from tasks.errors import TvmflowError
-from tasks.importers.model_import import (InputSpec, detect_format, export_factory, fetch_model_files,
-                                          framework_of, import_model, is_factory, model_name)
-from tasks.importers.reference import Reference, export_onnx_for_baseline, onnxruntime_latency
+from tasks.importers.model_import import (
+    InputSpec,
+    detect_format,
+    export_factory,
+    fetch_model_files,
+    framework_of,
+    import_model,
+    is_factory,
+    model_name,
+)
+from tasks.importers.reference import (
+    Reference,
+    export_onnx_for_baseline,
+    onnxruntime_latency,
+)
 from tasks.precision.qdq import effective_precision, prequantized_info
-from tasks.precision.stage import PrecisionOptions, layer_report, lower_precision, worst_layer
-from tasks.records import Build, BuildReport, ModelSource, PreparedModel, TaskResult, TuningPlan
+from tasks.precision.stage import (
+    PrecisionOptions,
+    layer_report,
+    lower_precision,
+    worst_layer,
+)
+from tasks.records import (
+    Build,
+    BuildReport,
+    ModelSource,
+    PreparedModel,
+    TaskResult,
+    TuningPlan,
+)
 from tasks.report import write_report_files
 from tasks.runlog import run_logger
 from tasks.storage import cache
-from tasks.tuning.extract import TuningTask, allocate_trials, extract_tasks, prepare_for_tuning
+from tasks.tuning.extract import (
+    TuningTask,
+    allocate_trials,
+    extract_tasks,
+    prepare_for_tuning,
+)
 from tasks.tuning.pick_best import DB_FILES, has_db, merge_databases
 
 

@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 from tasks.devices.capacity import on_device
 from tasks.devices.profiles import DeviceProfile
 from tasks.devices.validate import DeviceRun, run_on_device
-from tasks.devices.workers import LocalWorkers, parse_tracker, start_local_workers, wait_for_servers
+from tasks.devices.workers import (
+    LocalWorkers,
+    parse_tracker,
+    start_local_workers,
+    wait_for_servers,
+)
 from tasks.errors import TvmflowError
 
 

@@ -72,8 +72,8 @@ def lower_precision(source, device, specs_in, specs, precision: str, opts: Preci
     """`source` is a tasks.records.ModelSource (path, sha256); `refresh` ignores the cache."""
     import tvm
 
-    from tasks.tuning.extract import prepare_for_tuning
     from tasks.importers.model_import import import_model
+    from tasks.tuning.extract import prepare_for_tuning
 
     data_key = ""
     if precision == "int8":
