@@ -22,6 +22,7 @@ class Candidate:
     backend: str  # one of TVM_BACKENDS + VENDOR_BACKENDS
     ms: float | None = None  # median on the device; None when it did not build or run
     error: str | None = None  # why it has no time (build failure, wrong result, not available)
+    detail: str | None = None  # which variant ran: cuDNN algorithm, DLight rule (others' times)
 
     @property
     def usable(self) -> bool:
@@ -35,6 +36,7 @@ class OperatorChoice:
     operator: str  # task / layer name, e.g. "fused_conv2d_add_relu"
     candidates: list[Candidate] = field(default_factory=list)
     chosen: str = "default"
+    chosen_detail: str | None = None  # the chosen candidate's variant (e.g. DLight "Fallback")
 
     @property
     def chosen_ms(self) -> float | None:
@@ -42,12 +44,12 @@ class OperatorChoice:
 
     def to_json(self) -> dict:
         return {"operator": self.operator, "chosen": self.chosen, "chosen_ms": self.chosen_ms,
-                "candidates": [asdict(c) for c in self.candidates]}
+                "chosen_detail": self.chosen_detail, "candidates": [asdict(c) for c in self.candidates]}
 
     @classmethod
     def from_json(cls, data: dict) -> OperatorChoice:
         return cls(data["operator"], [Candidate(**c) for c in data.get("candidates", [])],
-                   data.get("chosen", "default"))
+                   data.get("chosen", "default"), data.get("chosen_detail"))
 
 
 def choose(operator: str, candidates: list[Candidate], tie_margin: float = 0.02) -> OperatorChoice:
@@ -61,7 +63,7 @@ def choose(operator: str, candidates: list[Candidate], tie_margin: float = 0.02)
     close = [c for c in usable if c.ms <= best * (1 + tie_margin)]  # type: ignore[operator]
     order = {name: i for i, name in enumerate(("tuned", "default", *VENDOR_BACKENDS))}
     pick = min(close, key=lambda c: (order.get(c.backend, len(order)), c.ms))
-    return OperatorChoice(operator, list(candidates), pick.backend)
+    return OperatorChoice(operator, list(candidates), pick.backend, pick.detail)
 
 
 def choices_table(choices: list[OperatorChoice]) -> str:
@@ -78,3 +80,12 @@ def choices_table(choices: list[OperatorChoice]) -> str:
             cells.append(f"**{text}**" if b == ch.chosen and cand is not None and cand.usable else text)
         lines.append(f"| {ch.operator} | " + " | ".join(cells) + f" | {ch.chosen} |")
     return "\n".join(lines) + "\n"
+
+
+def choices_summary(choices: list[OperatorChoice]) -> dict:
+    """How many operators each backend won, and the summed chosen time (ms, per run of each once)."""
+    won: dict[str, int] = {}
+    for ch in choices:
+        won[ch.chosen] = won.get(ch.chosen, 0) + 1
+    return {"operators": len(choices), "won": won,
+            "chosen_ms_total": round(sum(ch.chosen_ms or 0.0 for ch in choices), 4)}

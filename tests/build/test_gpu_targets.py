@@ -23,7 +23,7 @@ def mnist_mod(mnist_pt2):
 
 def _build(mod, profile, fp16=False):
     mod = gpu.to_mixed_fp16(mod) if fp16 else mod
-    return gpu.compile_gpu(prepare_for_tuning(mod, profile.target), profile.target)
+    return gpu.compile_prepared(prepare_for_tuning(mod, profile.target), profile.target)
 
 
 def test_cuda_profile_has_what_metaschedule_needs():
