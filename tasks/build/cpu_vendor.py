@@ -82,6 +82,13 @@ def load_library(backend: str = "dnnl") -> Path:
 
     if backend == "dnnl":
         _load_dnnl_runtime()
+    else:  # OpenBLAS from its wheel, wherever that is installed (the build's rpath may not exist here)
+        try:
+            import scipy_openblas32
+
+            ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), "libscipy_openblas.so"), mode=ctypes.RTLD_GLOBAL)
+        except ImportError as err:
+            raise TvmflowError("OpenBLAS is not installed: pip install scipy-openblas32 (requirements.txt)") from err
     ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
     _LOADED[backend] = lib
     return lib

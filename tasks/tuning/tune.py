@@ -133,7 +133,7 @@ def tune_task(task: TuningTask, target: dict, work_dir: str | Path, tracker: tup
         database = ms.database.JSONDatabase(path_workload=str(work_dir / "database_workload.json"),
                                             path_tuning_record=str(work_dir / "database_tuning_record.json"))
         if seed_db_dir:
-            _seed(database, seed_db_dir)
+            seed_database(database, seed_db_dir)
         mod = tvm.ir.load_json(task.mod_json)
         ctx = ms.TuneContext(mod=mod, target=tvm.target.Target(target),
                              space_generator=space_for(mod, target), search_strategy="evolutionary",
@@ -155,7 +155,7 @@ def tune_task(task: TuningTask, target: dict, work_dir: str | Path, tracker: tup
     return result
 
 
-def _seed(database, seed_db_dir: str) -> None:
+def seed_database(database, seed_db_dir: str) -> None:
     """Copy earlier records into this task's database so the search warm-starts from them."""
     from tvm.s_tir import meta_schedule as ms
 

@@ -93,3 +93,91 @@ def test_extract_mnist_tasks(mnist_pt2):
     allocate_trials(tasks, 32)
     assert sum(t.trials for t in tasks) == 32
     assert tasks[0].trials >= 16
+
+
+class _ConvBnNet:
+    """conv+BN+ReLU, a residual add, a depthwise conv+BN+ReLU6 and a dense layer: the shapes
+    BN folding and the NHWC conversion have to keep exact (random BN statistics, eval mode)."""
+
+    @staticmethod
+    def make():
+        import torch
+        from torch import nn
+
+        torch.manual_seed(0)
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+                self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+                self.dw, self.b3 = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16, bias=False), nn.BatchNorm2d(16)
+                self.fc = nn.Linear(16, 10)
+
+            def forward(self, x):
+                y = torch.relu(self.b1(self.c1(x)))
+                y = torch.relu(self.b2(self.c2(y)) + y)
+                y = torch.clamp(self.b3(self.dw(y)), 0, 6)
+                return self.fc(y.mean((2, 3)))
+
+        net = Net().eval()
+        for bn in (net.b1, net.b2, net.b3):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.5, 0.5)
+        return net, torch.randn(1, 3, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def conv_bn():
+    """(Relax module, input, torch output) of _ConvBnNet."""
+    import torch
+    from tvm.relax.frontend.torch import from_exported_program
+
+    net, x = _ConvBnNet.make()
+    with torch.no_grad():
+        ref = net(x).numpy()
+    mod = from_exported_program(torch.export.export(net, (x,)), unwrap_unit_return_tuple=True)
+    return mod, x.numpy(), ref
+
+
+def _run(prepared, x):
+    import tvm
+    from tvm import relax
+
+    from tasks.build.compile import compile_module
+    from tasks.devices.profiles import get_device
+
+    vm = relax.VirtualMachine(compile_module(prepared, get_device("local"), None), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x))
+    return (out if hasattr(out, "numpy") else out[0]).numpy()
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_bn_folding_and_layout_keep_torch_outputs(conv_bn, layout):
+    import numpy as np
+    import tvm
+
+    from tasks.devices.profiles import get_device
+
+    mod, x, ref = conv_bn
+    target = get_device("local").tvm_target()
+    folded = prepare_for_tuning(mod, target, layout=layout)
+    text = folded.script()
+    assert "batch_norm" not in text and "divide" not in text and "rsqrt" not in text, "BN survived"
+    if layout == "NHWC":
+        assert 'data_layout="NHWC"' in tvm.relax.transform.ConvertLayout(
+            {"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod).script()
+    np.testing.assert_allclose(_run(folded, x), ref, rtol=1e-4, atol=1e-4)
+    tasks = extract_tasks(folded, target)
+    unfolded = extract_tasks(prepare_for_tuning(mod, target, fold_bn=False), target)
+    assert len(tasks) < len(unfolded), "folding BN should remove kernels"
+
+
+def test_unknown_layout_is_one_line_error(conv_bn):
+    from tasks.devices.profiles import get_device
+    from tasks.errors import TvmflowError
+
+    with pytest.raises(TvmflowError, match="layout"):
+        prepare_for_tuning(conv_bn[0], get_device("local").tvm_target(), layout="NCHW8c")
