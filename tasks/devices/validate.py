@@ -71,8 +71,13 @@ class DeviceRun:
         return float(np.percentile(self.latencies_ms, 90))
 
 
-def _device(session, target_kind: str):
-    return session.cuda(0) if target_kind == "cuda" else session.cpu(0)
+def session_device(session, target_kind: str):
+    """The device of the RPC session a build for `target_kind` runs on: its GPU for cuda, opencl,
+    vulkan, rocm, metal and webgpu builds (validating an OpenCL build on the board's CPU would check
+    nothing), its CPU for llvm / c."""
+    if target_kind in ("llvm", "c"):
+        return session.cpu(0)
+    return session.device(target_kind, 0)
 
 
 def run_on_device(lib_path: str | Path, tracker: tuple[str, int], key: str, samples: list[dict],
@@ -89,7 +94,7 @@ def run_on_device(lib_path: str | Path, tracker: tuple[str, int], key: str, samp
                            f"({str(err).splitlines()[0] if str(err) else err.__class__.__name__}); is one registered?") from None
     lib_path = Path(lib_path)
     session.upload(str(lib_path))
-    dev = _device(session, target_kind)
+    dev = session_device(session, target_kind)
     vm = relax.VirtualMachine(session.load_module(lib_path.name), dev)
     outputs = []
     for sample in samples:
@@ -218,7 +223,7 @@ def compare(tvm_outputs: list, ref_outputs: list, precision: str = "fp32", label
                          "framework": _top5(first_want, class_names), "device": _top5(first_got, class_names)})
     n = ours.count
     labelled = labels is not None and n > 0
-    rate = lambda part, whole: part / whole if whole else None  # noqa: E731
+    rate = lambda part, whole: part / whole if whole else None
     baseline = None
     if baseline_outputs is not None and theirs.count:
         baseline = {"name": baseline_name, "top1_agreement": rate(theirs.top1, n),

@@ -54,8 +54,8 @@ class ImageOptions:
         preset = opts.get("preset", "imagenet" if "mean" not in opts else "raw")
         if preset not in PRESETS:
             raise TvmflowError(f"unknown image preset {preset!r}; use one of {', '.join(PRESETS)}")
-        floats = lambda key: tuple(float(v) for v in opts[key].split(":")) if key in opts else None  # noqa: E731
-        ints = lambda key: int(opts[key]) if key in opts else None  # noqa: E731
+        floats = lambda key: tuple(float(v) for v in opts[key].split(":")) if key in opts else None
+        ints = lambda key: int(opts[key]) if key in opts else None
         layout = opts.get("layout")
         if layout and layout.lower() not in ("nchw", "nhwc"):
             raise TvmflowError(f"layout={layout}: use nchw or nhwc")
@@ -97,7 +97,7 @@ def _read_members(uri: str) -> dict[str, bytes]:
 
     from tasks.importers.fetch import read_bytes
 
-    wanted = lambda name: name.lower().endswith(IMAGE_EXT) or PurePosixPath(name).name in MAPPING_FILES  # noqa: E731
+    wanted = lambda name: name.lower().endswith(IMAGE_EXT) or PurePosixPath(name).name in MAPPING_FILES
     if uri.lower().endswith(ARCHIVE_EXT):
         data = read_bytes(uri)
         if uri.lower().endswith(".zip"):
@@ -171,7 +171,7 @@ def preprocess(data: bytes, shape: tuple, layout: str, options: ImageOptions) ->
     channels = shape[-3] if layout == "nchw" else shape[-1]
     img = Image.open(io.BytesIO(data))
     img = img.convert("L" if channels == 1 else "RGB")
-    short = options.resize or int(round(max(h, w) / 0.875))
+    short = options.resize or round(max(h, w) / 0.875)
     scale = short / min(img.size)
     img = img.resize((max(w, round(img.size[0] * scale)), max(h, round(img.size[1] * scale))), Image.BILINEAR)
     left, top = (img.size[0] - w) // 2, (img.size[1] - h) // 2

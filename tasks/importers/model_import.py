@@ -6,13 +6,30 @@ shared records in tasks/importers/types.py. This module only re-exports, so call
 from __future__ import annotations
 
 from tasks.importers.formats.onnx_import import import_onnx
-from tasks.importers.formats.torch_import import export_factory, import_pt2, relax_from_program
+from tasks.importers.formats.torch_import import (
+                                      export_factory,
+                                      import_pt2,
+                                      relax_from_program,
+)
 from tasks.importers.formats.torchscript_import import import_torchscript
-from tasks.importers.registry import (SUPPORTED, detect_format, export_onnx, fetch_model_files, framework_of,
-                                      import_model, reference_runner)
+from tasks.importers.registry import (
+                                      SUPPORTED,
+                                      detect_format,
+                                      export_onnx,
+                                      fetch_model_files,
+                                      framework_of,
+                                      import_model,
+                                      reference_runner,
+)
 from tasks.importers.spec import FACTORY_RE, is_factory, model_name
-from tasks.importers.types import (ImportedModel, InputSpec, check_overrides, parse_input_spec, resolve_inputs,
-                                   unsupported_error)
+from tasks.importers.types import (
+                                      ImportedModel,
+                                      InputSpec,
+                                      check_overrides,
+                                      parse_input_spec,
+                                      resolve_inputs,
+                                      unsupported_error,
+)
 
 __all__ = ["FACTORY_RE", "SUPPORTED", "ImportedModel", "InputSpec", "check_overrides", "detect_format",
            "export_factory", "export_onnx", "fetch_model_files", "framework_of", "import_model", "import_onnx",

@@ -6,14 +6,23 @@ Detection reads the bytes, never the file name; the first importer whose detect(
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from tasks.errors import TvmflowError
 from tasks.importers import bundles
 from tasks.importers.fetch import Fetched
-from tasks.importers.formats import (keras_import, mxnet_import, onnx_import, tflite_import, torch_import,
-                                     torchscript_import)
-from tasks.importers.types import Importer, ImportedModel, InputSpec, UnknownFormat
+from tasks.importers.formats import (
+    keras_import,
+    mxnet_import,
+    onnx_import,
+    tflite_import,
+    torch_import,
+    torchscript_import,
+)
+from tasks.importers.types import ImportedModel, Importer, InputSpec, UnknownFormat
+
+log = logging.getLogger("tvmflow")
 
 # order matters: ONNX last (protobuf parses many byte strings)
 IMPORTERS: tuple[Importer, ...] = (
@@ -62,7 +71,10 @@ def framework_of(fmt: str) -> str:
 def import_model(path: Path, overrides: list[InputSpec] | None = None, batch: int | None = None) -> ImportedModel:
     """Relax of the model, with static input shapes: --input (`overrides`) and `batch` (for a dynamic
     batch dim, default 1) fix them; `notes` says what was changed on the way (batch, folding)."""
-    return detect(path).import_(Path(path), overrides, batch)
+    imported = detect(path).import_(Path(path), overrides, batch)
+    for note in imported.notes:  # once per import: the batch chosen, what was folded
+        log.warning(note)
+    return imported
 
 
 def importer_for_framework(framework: str) -> Importer:

@@ -87,8 +87,10 @@ def resolve_inputs(declared: list[InputSpec], overrides: list[InputSpec] | None 
         specs.append(InputSpec(spec.name, tuple(dims), spec.dtype))
     notes = []
     if batched:
+        first = next(s for s in specs if s.name == batched[0])
+        example = f"--input {first.name}:{'x'.join(['N', *map(str, first.shape[1:])])}:{first.dtype}"
         notes.append(f"dynamic batch dimension of input(s) {', '.join(batched)} set to {batch or 1}"
-                     + ("" if batch else " (pass --batch N for another)"))
+                     + ("" if batch else f" (for another batch: {example})"))
     elif batch is not None and batch != 1:
         notes.append(f"--batch {batch} ignored: the model has no dynamic batch dimension")
     return ResolvedInputs(specs, problems, notes)

@@ -25,7 +25,7 @@ def test_cpp_example_runs_a_published_build_like_python(tmp_path, mnist_pt2):
 
     binary = tmp_path / "run_model"
     built = subprocess.run(["bash", str(ROOT / "examples/cpp/build.sh"), sys.executable, str(binary)],
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=600, check=False)
     assert built.returncode == 0, built.stderr[-2000:]
 
     device = get_device("local")
@@ -43,7 +43,7 @@ def test_cpp_example_runs_a_published_build_like_python(tmp_path, mnist_pt2):
         x = data.sample(i)[spec.name]
         x.tofile(tmp_path / "x.bin")
         run = subprocess.run([str(binary), str(folder), str(tmp_path / "x.bin"), "x".join(map(str, spec.shape)),
-                              str(tmp_path / "y.bin")], capture_output=True, text=True, timeout=120)
+                              str(tmp_path / "y.bin")], capture_output=True, text=True, timeout=120, check=False)
         assert run.returncode == 0, run.stderr[-2000:]
         got = np.fromfile(tmp_path / "y.bin", dtype="float32")
         want = vm["main"](tvm.runtime.tensor(x)).numpy().ravel()

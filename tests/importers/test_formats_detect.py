@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from tasks.errors import TvmflowError
-from tasks.importers.model_import import fetch_model_files
-from tasks.importers.model_import import detect_format
+from tasks.importers.model_import import detect_format, fetch_model_files
 from tasks.pipeline import fetch_model
 
 LISTED = ("ONNX", ".pt2", "Keras 3", ".keras", "arch.json+weights.h5", "TFLite", "MXNet", "-symbol.json")

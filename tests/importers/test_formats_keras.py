@@ -11,8 +11,12 @@ from pathlib import Path
 import pytest
 
 from tasks.errors import TvmflowError
-from tasks.importers.model_import import fetch_model_files
-from tasks.importers.model_import import detect_format, import_model, model_name
+from tasks.importers.model_import import (
+    detect_format,
+    fetch_model_files,
+    import_model,
+    model_name,
+)
 from tests.format_models import KERAS_INPUT, keras_mobilenet_like, save_keras_variants
 
 

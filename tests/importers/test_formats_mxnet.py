@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 
 from tasks.errors import TvmflowError
-from tasks.importers.model_import import fetch_model_files
-from tasks.importers.model_import import detect_format, import_model, model_name, parse_input_spec
+from tasks.importers.model_import import (
+    detect_format,
+    fetch_model_files,
+    import_model,
+    model_name,
+    parse_input_spec,
+)
 from tests.format_models import MXNET_INPUT, mxnet_gluon_cnn
 
 ROOT = Path(__file__).resolve().parent.parent.parent

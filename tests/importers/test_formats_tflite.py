@@ -48,9 +48,9 @@ def test_tflite_fp32_build_and_validate_on_device(tflite_files, local_workers, t
     """import -> prepare -> build -> run over RPC -> compare against LiteRT, with the task functions."""
     from tasks.build.compile import build_library
     from tasks.devices.profiles import get_device
-    from tasks.tuning.extract import prepare_for_tuning
-    from tasks.importers.reference import Reference
     from tasks.devices.validate import compare, run_on_device
+    from tasks.importers.reference import Reference
+    from tasks.tuning.extract import prepare_for_tuning
 
     device = get_device("local")
     imported = import_model(tflite_files["fp32"])

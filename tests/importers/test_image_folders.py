@@ -2,7 +2,6 @@
 subfolders give labels, presets normalise, and the gate reports top-5 with ImageNet names."""
 from __future__ import annotations
 
-import io
 import tarfile
 import zipfile
 

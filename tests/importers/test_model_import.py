@@ -7,8 +7,17 @@ import numpy as np
 import pytest
 
 from tasks.errors import TvmflowError
-from tasks.importers.model_import import (InputSpec, detect_format, export_factory, import_model, import_onnx,
-                                import_pt2, is_factory, model_name, parse_input_spec)
+from tasks.importers.model_import import (
+    InputSpec,
+    detect_format,
+    export_factory,
+    import_model,
+    import_onnx,
+    import_pt2,
+    is_factory,
+    model_name,
+    parse_input_spec,
+)
 
 
 def _tiny_onnx(path, op="Relu", shape=(1, 4), out_shape=None, **attrs):
@@ -167,7 +176,7 @@ def test_dynamic_batch_becomes_one_or_batch_or_input_spec(tmp_path):
     imported = import_model(path)
     assert imported.inputs == [InputSpec("x", (1, 4), "float32")]
     assert [n for n in imported.notes if "batch" in n] == [
-        "dynamic batch dimension of input(s) x set to 1 (pass --batch N for another)"]
+        "dynamic batch dimension of input(s) x set to 1 (for another batch: --input x:Nx4:float32)"]
     assert import_model(path, batch=2).inputs == [InputSpec("x", (2, 4), "float32")]
     imported = import_model(path, [parse_input_spec("x:3x4:float32")])
     assert imported.inputs == [InputSpec("x", (3, 4), "float32")] and imported.notes == []

@@ -49,12 +49,12 @@ def test_torch_exported_pads_fold_import_and_compile(tmp_path):
     raw = onnx.load(str(path))
     assert {"Shape", "Pad"} <= {n.op_type for n in raw.graph.node} or {"ConstantOfShape", "Pad"} <= {
         n.op_type for n in raw.graph.node}
-    with pytest.raises(Exception):  # the premise: TVM refuses the unfolded graph (dynamic pads / reshape)
+    with pytest.raises(Exception):  # noqa: B017 - TVM raises its own error types. The premise: TVM refuses the unfolded graph (dynamic pads / reshape)
         from_onnx(raw, shape_dict={"input": [1, 3, 33, 33]})
 
     imported = import_model(path)  # no --input: the dynamic batch becomes 1
     assert imported.inputs == [InputSpec("input", (1, 3, 33, 33), "float32")]
-    assert imported.notes[0] == "dynamic batch dimension of input(s) input set to 1 (pass --batch N for another)"
+    assert imported.notes[0] == "dynamic batch dimension of input(s) input set to 1 (for another batch: --input input:Nx3x33x33:float32)"
     assert sum("batch" in n for n in imported.notes) == 1
     assert imported.notes[1].startswith("folded the shape computations") and "Pad" not in imported.notes[1].split("(")[1]
     x = np.random.default_rng(0).standard_normal((1, 3, 33, 33)).astype("float32")

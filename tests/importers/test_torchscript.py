@@ -8,7 +8,13 @@ import torch
 from torch import nn
 
 from tasks.errors import TvmflowError
-from tasks.importers.model_import import InputSpec, detect_format, framework_of, import_model, parse_input_spec
+from tasks.importers.model_import import (
+    InputSpec,
+    detect_format,
+    framework_of,
+    import_model,
+    parse_input_spec,
+)
 from tasks.importers.reference import Reference
 
 

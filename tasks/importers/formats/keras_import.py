@@ -7,7 +7,6 @@ NHWC as Keras gives them. The reference is Keras itself (`predict_on_batch`, tor
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -16,9 +15,22 @@ from pathlib import Path
 import numpy as np
 
 from tasks.errors import TvmflowError
+from tasks.importers.bundles import (
+    ARCH,
+    WEIGHTS,
+    dir_parts,
+    head,
+    is_architecture_json,
+    zip_names,
+)
 from tasks.importers.formats.torch_import import relax_from_program
-from tasks.importers.bundles import ARCH, WEIGHTS, dir_parts, head, is_architecture_json, zip_names
-from tasks.importers.types import Importer, ImportedModel, InputSpec, UnknownFormat, resolve_checked
+from tasks.importers.types import (
+    ImportedModel,
+    Importer,
+    InputSpec,
+    UnknownFormat,
+    resolve_checked,
+)
 
 
 def _keras():

@@ -21,9 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from tasks.errors import TvmflowError
-from tasks.importers.bundles import PARAMS, SYMBOL, dir_parts, head, is_params, is_symbol_json
+from tasks.importers.bundles import (
+    PARAMS,
+    SYMBOL,
+    dir_parts,
+    head,
+    is_symbol_json,
+)
 from tasks.importers.formats.onnx_import import import_onnx
-from tasks.importers.types import Importer, ImportedModel
+from tasks.importers.types import ImportedModel, Importer
 
 ROOT = Path(__file__).resolve().parents[3]
 TOOL = Path(__file__).with_name("mxnet_tool.py")

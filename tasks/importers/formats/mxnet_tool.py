@@ -18,7 +18,7 @@ for _name, _value in {"bool": bool, "int": int, "float": float, "object": object
     if _name not in np.__dict__:
         setattr(np, _name, _value)
 
-import mxnet as mx  # noqa: E402
+import mxnet as mx
 
 USAGE_ERROR = 3
 

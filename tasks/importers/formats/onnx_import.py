@@ -6,7 +6,6 @@ in one error. The reference is onnxruntime.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +14,15 @@ from tasks.errors import TvmflowError
 from tasks.importers.bundles import head
 from tasks.importers.onnx_fold import fold_shapes, needs_folding
 from tasks.importers.timing import median_ms
-from tasks.importers.types import (Importer, ImportedModel, InputSpec, import_failed, problems_error, resolve_inputs,
-                                   unsupported_operators_problem)
-
-log = logging.getLogger("tvmflow")
+from tasks.importers.types import (
+    ImportedModel,
+    Importer,
+    InputSpec,
+    import_failed,
+    problems_error,
+    resolve_inputs,
+    unsupported_operators_problem,
+)
 
 
 def load(path: Path):
@@ -86,8 +90,6 @@ def import_onnx(path: Path, overrides: list[InputSpec] | None = None, batch: int
         folded = fold_shapes(model, specs)
         model = folded.model
         notes.append(folded.note)
-    for note in notes:
-        log.info(note)
     try:
         mod = from_onnx(model, shape_dict={s.name: list(s.shape) for s in specs},
                         dtype_dict={s.name: s.dtype for s in specs})

@@ -13,7 +13,14 @@ import numpy as np
 
 from tasks.errors import TvmflowError
 from tasks.importers.bundles import head
-from tasks.importers.types import Importer, ImportedModel, InputSpec, ResolvedInputs, import_failed, resolve_checked
+from tasks.importers.types import (
+    ImportedModel,
+    Importer,
+    InputSpec,
+    ResolvedInputs,
+    import_failed,
+    resolve_checked,
+)
 
 MAGIC = b"TFL3"
 

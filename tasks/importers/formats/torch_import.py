@@ -11,7 +11,7 @@ import torch
 from tasks.errors import TvmflowError
 from tasks.importers.bundles import zip_names
 from tasks.importers.timing import median_ms
-from tasks.importers.types import Importer, ImportedModel, InputSpec, import_failed
+from tasks.importers.types import ImportedModel, Importer, InputSpec, import_failed
 
 
 def detect(path: Path) -> bool:

@@ -8,7 +8,6 @@ A traced module remembers its example inputs' shapes; a scripted one needs --inp
 """
 from __future__ import annotations
 
-import logging
 import tempfile
 from pathlib import Path
 
@@ -19,9 +18,14 @@ from tasks.errors import TvmflowError
 from tasks.importers.bundles import head, zip_names
 from tasks.importers.formats.onnx_import import import_onnx
 from tasks.importers.timing import median_ms
-from tasks.importers.types import Importer, ImportedModel, InputSpec, problems_error, resolve_inputs
+from tasks.importers.types import (
+    ImportedModel,
+    Importer,
+    InputSpec,
+    problems_error,
+    resolve_inputs,
+)
 
-log = logging.getLogger("tvmflow")
 OPSET = 17
 LEGACY_PICKLE = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # torch.save before the zip format
 SAVE_INSTEAD = ("save the model itself: torch.jit.save(torch.jit.trace(model, example), 'model.pt') or "
@@ -104,7 +108,6 @@ def import_torchscript(path: Path, overrides: list[InputSpec] | None = None, bat
         onnx_path = to_onnx(module, specs, Path(tmp) / "model.onnx")
         imported = import_onnx(onnx_path, specs)
     notes = notes + [f"TorchScript converted with torch.onnx.export (TorchScript exporter, opset {OPSET})"] + imported.notes
-    log.info(notes[-1 - len(imported.notes)])
     return ImportedModel(imported.mod, specs, "torchscript", notes)
 
 
