@@ -39,6 +39,14 @@ class DeviceProfile:
         """A stable string for cache keys."""
         return str(sorted(self.target.items()))
 
+    def compiler_command(self) -> str | None:
+        """The cross compiler as a command (what tuning builders get): the NDK clang resolved from
+        ANDROID_NDK_HOME / TVM_NDK_CC for `android-ndk`, else the fleet file's value."""
+        if self.cross_compiler == android.MARKER:
+            return android.ndk_compiler(int(self.extra.get("android_api", android.DEFAULT_API)),
+                                        self.target.get("mtriple", "aarch64-linux-android"))
+        return self.cross_compiler
+
     def export_compiler(self):
         """The `fcompile` for export_library: the cross compiler, or None for the host's."""
         if not self.cross_compiler:

@@ -56,3 +56,14 @@ def test_android_build_cross_compiles_an_aarch64_library(mnist_pt2, tmp_path, mo
     assert head[:4] == b"\x7fELF" and head[16] == 3  # ET_DYN: a shared library
     assert int.from_bytes(head[18:20], "little") == EM_AARCH64
     assert os.path.getsize(lib) > 10_000
+
+
+def test_compiler_command_for_tuning_builders(tmp_path, monkeypatch):
+    """Tuning builders take a compiler command: the NDK clang resolved from ANDROID_NDK_HOME."""
+    assert STAND_IN, "aarch64-linux-gnu-gcc is missing: run scripts/setup.sh"
+    monkeypatch.delenv("TVM_NDK_CC", raising=False)
+    monkeypatch.setenv("ANDROID_NDK_HOME", str(_fake_ndk(tmp_path / "ndk")))
+    command = get_device("android-arm64").compiler_command()
+    assert command.endswith("bin/aarch64-linux-android24-clang") and os.path.exists(command)
+    assert get_device("aarch64-linux").compiler_command() == "aarch64-linux-gnu-gcc"
+    assert get_device("local").compiler_command() is None
