@@ -15,7 +15,6 @@ preprocessing spec in the URI fragment (`photos/#size=224&mean=127&std=128`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -23,7 +22,6 @@ from tasks.errors import TvmflowError
 
 METHODS = ("max", "percentile", "kl")
 SUBSAMPLE = 16384
-IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff")
 
 
 @dataclass
@@ -105,46 +103,14 @@ def calibrate(mod, dataset, method: str = "percentile", percentile: float = 99.9
     return {name: choose_range(s, method, percentile) for name, s in stats.items()}
 
 
-def _image_folder(path: Path, spec: str, input_spec):
-    """Images resized to the input's H x W, (x - mean) / std per channel, NCHW or NHWC."""
-    from skimage import io
-    from skimage.transform import resize
-
-    opts = dict(kv.split("=", 1) for kv in spec.split("&") if "=" in kv)
-    layout = opts.get("layout", "nchw").lower()
-    shape = tuple(input_spec.shape)
-    h, w = (shape[-2], shape[-1]) if layout == "nchw" else (shape[-3], shape[-2])
-    mean = np.array([float(v) for v in opts.get("mean", "0").split(":")], "float32")
-    std = np.array([float(v) for v in opts.get("std", "1").split(":")], "float32")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXT)
-    batch = []
-    for f in files:
-        img = io.imread(f)
-        img = img[..., None] if img.ndim == 2 else img[..., :3]
-        channels = shape[-3] if layout == "nchw" else shape[-1]
-        img = img.mean(-1, keepdims=True) if channels == 1 else np.repeat(img, 3, -1) if img.shape[-1] == 1 else img
-        img = (resize(img, (h, w), preserve_range=True, anti_aliasing=True) - mean) / std
-        batch.append((img.transpose(2, 0, 1) if layout == "nchw" else img).reshape(shape))
-    arr = np.stack(batch).astype(input_spec.dtype) if batch else np.zeros((0, *shape), input_spec.dtype)
-    return arr
-
-
 def load_calibration(uri: str | None, input_specs):
-    """The calibration Dataset: npz URI, bundled:*, or `<image folder>#size..&mean=..&std=..`."""
-    from tasks.importers.datasets import Dataset, load_dataset
+    """The calibration Dataset, read like `--data` (tasks.importers.datasets.load_dataset): npz URI,
+    bundled:*, or an image folder / zip / tar with its preprocessing (`photos/#preset=imagenet`)."""
+    from tasks.importers.datasets import load_dataset
 
     if not uri:
         raise TvmflowError("--precision int8 needs calibration samples: pass --calibration URI (an npz of "
                            "named input arrays, an image folder, or bundled:mnist:500)")
-    folder, _, spec = uri.partition("#")
-    folder = folder[len("file://"):] if folder.startswith("file://") else folder
-    if Path(folder).is_dir():
-        if len(input_specs) != 1:
-            raise TvmflowError("an image folder calibrates single-input models only; give an npz instead")
-        arr = _image_folder(Path(folder), spec, input_specs[0])
-        if len(arr) == 0:
-            raise TvmflowError(f"the calibration set is empty: no images ({', '.join(IMAGE_EXT)}) in {folder}")
-        return Dataset({input_specs[0].name: arr}, source=uri)
     try:
         return load_dataset(uri, input_specs)
     except TvmflowError as err:
