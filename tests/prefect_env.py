@@ -152,6 +152,8 @@ def server() -> Server:
         atexit.register(srv.stop)
         _STATE["server"] = srv
         srv.cli("work-pool", "create", POOL, "--type", "process")
+        # the deployments' `store` default is this variable, resolved when deployed
+        srv.cli("variable", "set", "tvmflow_store", str(srv.store), "--overwrite")
         srv.cli("deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
         srv.start_worker()
         # triggered now, so that the worker runs it while other tests look at the server

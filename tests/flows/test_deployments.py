@@ -36,11 +36,18 @@ def test_prefect_yaml_matches_the_fleet():
         assert retune["entrypoint"] == "flows/retune.py:retune_flow"
         assert retune["parameters"]["device"] == device
         assert retune["parameters"]["models"] == list(profile.extra.get("models") or [])
-        assert retune["schedules"][0]["active"] == bool(profile.extra.get("models"))
+        # nightly only where there is something to retune and a board to run it on
+        nightly = bool(profile.extra.get("models")) and (profile.local_workers > 0 or bool(profile.extra.get("tracker")))
+        assert retune["schedules"][0]["active"] == nightly, device
+        assert retune["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
         assert {"budget", "store"} <= set(retune["parameters"])
+        assert retune["parameters"]["store"] == compile_["parameters"]["store"] == "{{ prefect.variables.tvmflow_store }}"
         assert {"model", "device", "trials", "store"} <= set(compile_["parameters"])
         assert retune["schedules"][0]["cron"].split()[2:] == ["*", "*", "*"]  # every night
         assert retune["work_pool"]["name"] == compile_["work_pool"]["name"] == prefect_env.POOL
+    assert not names["retune-aarch64-linux"]["schedules"][0]["active"]  # no tracker in the fleet file
+    assert names["builds"]["entrypoint"] == "flows/retrieve.py:builds_flow"
+    assert names["fetch"]["entrypoint"] == "flows/retrieve.py:fetch_flow"
 
 
 def test_nightly_deployment_gets_scheduled_runs_from_its_cron():
@@ -135,3 +142,53 @@ def test_compile_deployment_persists_its_result_in_the_runs_s3_store(s3):
             json.dumps(srv.artifacts(run_id)), json.dumps(run)]
     for secret in (s3.secret_key, s3.access_key):
         assert not any(secret in text for text in seen), secret
+
+
+def test_store_default_comes_from_the_prefect_variable():
+    """`store` of every deployment is the tvmflow_store Variable's value when deployed, not ./artifacts."""
+    srv = prefect_env.server()
+    assert srv.get("/variables/name/tvmflow_store")["value"] == str(srv.store)
+    for flow_name, name in (("tvmflow-compile", "compile-local"), ("tvmflow-retune", "retune-aarch64-linux"),
+                            ("tvmflow-builds", "builds"), ("tvmflow-fetch", "fetch")):
+        assert srv.deployment(flow_name, name)["parameters"]["store"] == str(srv.store), name
+
+
+def test_builds_deployment_lists_the_published_build():
+    srv, run = prefect_env.compile_run()
+    assert run["state"]["type"] == "COMPLETED"
+    build = (srv.store / "builds" / "mnist_cnn" / "local" / "LATEST").read_text().strip()
+    listed = srv.wait_run(srv.run_deployment("tvmflow-builds", "builds", {"model": "mnist_cnn"}, queue="local"))
+    assert listed["state"]["type"] == "COMPLETED", listed["state"]
+    want, deadline = f"mnist_cnn/local/{build} (LATEST)", time.monotonic() + 60
+    while True:  # the run's log lines reach the API in batches, possibly after its final state
+        logs = srv.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [listed["id"]]}}, "limit": 200})
+        if any(want in entry["message"] for entry in logs) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert any(want in entry["message"] for entry in logs), [e["message"] for e in logs]
+
+
+def test_a_retune_run_while_another_holds_the_device_is_cancelled(tmp_path):
+    """retune-<device> has concurrency limit 1 with CANCEL_NEW: a second run that starts while the
+    first still runs (here: waiting for a free board on a tracker with none) is cancelled."""
+    from tasks.devices.workers import start_local_workers
+
+    srv = prefect_env.server()
+    dep = srv.deployment("tvmflow-retune", "retune-local")
+    assert dep["concurrency_limit"] == 1 and dep["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+    empty = start_local_workers("local", 0, tmp_path / "empty-tracker")  # a tracker, no board registered
+    params = {"models": [prefect_env.MNIST], "budget": 1, "store": str(srv.store), "tracker": empty.tracker,
+              "worker_timeout": 240.0}
+    first = srv.run_deployment("tvmflow-retune", "retune-local", params)
+    try:
+        deadline = time.monotonic() + 300
+        while srv.get(f"/flow_runs/{first}")["state"]["type"] != "RUNNING":
+            assert time.monotonic() < deadline, srv.get(f"/flow_runs/{first}")["state"]
+            time.sleep(1)
+        second = srv.wait_run(srv.run_deployment("tvmflow-retune", "retune-local", params), timeout=300)
+        assert second["state"]["type"] == "CANCELLED", second["state"]
+        assert srv.get(f"/flow_runs/{first}")["state"]["type"] == "RUNNING"  # the first one goes on
+    finally:  # cancel the first: the slot must be free for the other tests' retune runs
+        srv.post(f"/flow_runs/{first}/set_state", {"state": {"type": "CANCELLING"}, "force": True})
+        srv.wait_run(first, timeout=300)
+        empty.stop()
