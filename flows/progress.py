@@ -1,6 +1,7 @@
 """The terminal of `tvmflow compile` / `retune`: quiet, with a live progress line and a summary.
 
-- Prefect's own console lines (temporary server, flow run states, task tracebacks) are taken off
+- Prefect's own console lines (temporary server, flow run states, task tracebacks) and Python
+  warnings of the libraries are taken off
   the terminal unless --debug: the console handlers go, the API handlers stay, so the run's logs
   are still in the Prefect API and UI; what would have been printed goes to
   $TVMFLOW_HOME/logs/cli.log instead.
@@ -28,6 +29,7 @@ def quiet_prefect_console(log_file: Path | None = LOG_FILE) -> list[logging.Hand
     Returns the removed handlers. Prefect configures logging on first import of prefect.main."""
     import prefect.main  # noqa: F401 - runs prefect.logging.configuration.setup_logging()
 
+    logging.captureWarnings(True)  # library FutureWarnings etc. go to the log file, not the terminal
     removed: list[logging.Handler] = []
     sink: logging.Handler | None = None
     if log_file is not None:
@@ -76,6 +78,7 @@ class Display(logging.Handler):
         self.tasks: dict[str, dict] = {}          # task name -> {"trials", "best_ms"}
         self.tune_start: float | None = None
         self.tune_trials0 = 0
+        self._last_trials = 0
         self._live = None
 
     # logging.Handler
@@ -100,9 +103,13 @@ class Display(logging.Handler):
                 self.tune_start, self.tune_trials0 = now, int(payload.get("trials") or 0)
             if payload.get("name"):
                 row = self.tasks.setdefault(payload["name"], {"trials": 0, "best_ms": None})
-                row["trials"] = max(row["trials"], int(payload.get("task_trials") or 0))
+                own = payload.get("task_trials")
+                if own is None:  # the task's share: the run's trials since the last report
+                    own = int(payload.get("trials") or 0) - self._last_trials
+                row["trials"] = max(row["trials"], int(own))
                 if payload.get("task_best_ms") is not None:
                     row["best_ms"] = payload["task_best_ms"]
+            self._last_trials = int(payload.get("trials") or 0)
         if self._live is not None:
             self._live.update(self.render())
 

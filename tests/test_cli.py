@@ -102,7 +102,7 @@ def test_progress_display_summary_from_progress_updates():
         progress.update(stage="tune", task=1, of=2, name="conv", trials=4, budget=8, best_ms=2.0,
                         task_trials=4, task_best_ms=0.5)
         progress.update(stage="tune", task=2, of=2, name="dense", trials=8, budget=8, best_ms=1.5,
-                        task_trials=4, task_best_ms=0.25)
+                        task_best_ms=0.25)  # no task_trials: the run's trials since the last report
         assert "mnist_cnn/local: tune, 2/2 dense, 8/8 trials, best 1.500 ms" in display.line()
         assert progress.fraction(display.fields) == 1.0
         with pytest.raises(TypeError):
