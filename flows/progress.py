@@ -186,6 +186,8 @@ def terminal(debug: bool = False, quiet: bool = False):
     (unless quiet), its summary table at the end (not with quiet or when it failed)."""
     if not debug:
         quiet_prefect_console()
+        # worker processes (rpc servers, Dask, export) print library deprecation warnings themselves
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
     display = None if quiet else Display().start()
     ok = False
     try:
