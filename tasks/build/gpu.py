@@ -413,8 +413,7 @@ def prepare_layout(mod, layout: str = "NHWC"):
     import tvm
     from tvm import relax
 
-    seq = [relax.transform.FoldBatchnormToConv2D(), relax.transform.FoldConstant(),
-           relax.transform.DecomposeOpsForInference()]
+    seq = [relax.transform.FoldBatchnormToConv2D(), relax.transform.DecomposeOpsForInference()]
     if LAYOUT[layout]:
         seq.append(relax.transform.ConvertLayout(LAYOUT[layout]))
     seq.append(relax.transform.FoldConstant())
