@@ -66,33 +66,40 @@ def update(stage: str, **fields) -> None:
 
 
 def _artifact(payload: dict) -> None:
-    """Create/update this flow run's progress artifact (no-op outside a Prefect run)."""
+    """Create/update this flow run's progress artifact (no-op outside a Prefect run). Its key is
+    `<model>-<device>-progress`, from the first report that names them."""
     try:
         from prefect.context import FlowRunContext, TaskRunContext
     except ImportError:  # pragma: no cover - prefect is a dependency
         return
     task_ctx = TaskRunContext.get()
     flow_ctx = FlowRunContext.get()
-    run_id = str(task_ctx.task_run.flow_run_id) if task_ctx else str(flow_ctx.flow_run.id) if flow_ctx and flow_ctx.flow_run else None
-    share = fraction(payload)
-    if run_id is None or share is None and not payload.get("done"):
+    if task_ctx:
+        run_id = str(task_ctx.task_run.flow_run_id)
+    elif flow_ctx and flow_ctx.flow_run:
+        run_id = str(flow_ctx.flow_run.id)
+    else:
         return
+    share = fraction(payload)
     with _lock:
-        state = _artifacts.get(run_id)
+        state = _artifacts.setdefault(run_id, {"id": None, "stage": None, "at": 0.0, "model": None, "device": None})
+        for k in ("model", "device"):
+            state[k] = payload.get(k) or state[k]
         now = time.monotonic()
-        if state and state["stage"] == payload["stage"] and now - state["at"] < ARTIFACT_EVERY_S \
-                and not payload.get("done"):
+        if share is None or (state["id"] and state["stage"] == payload["stage"] and now - state["at"] < ARTIFACT_EVERY_S
+                             and not payload.get("done")):
             return
-        _artifacts[run_id] = {"id": state["id"] if state else None, "stage": payload["stage"], "at": now}
+        state["stage"], state["at"] = payload["stage"], now
+        artifact_id = state["id"]
+        key = "-".join(str(state[k]) for k in ("model", "device") if state[k]) or "run"
     try:
         from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-        percent = round(100.0 * (share if share is not None else 1.0), 1)
+        percent = round(100.0 * share, 1)
         text = describe(payload)
-        if state and state["id"]:
-            update_progress_artifact(state["id"], percent, description=text)
+        if artifact_id:
+            update_progress_artifact(artifact_id, percent, description=text)
         else:
-            key = "-".join(str(payload.get(k) or "") for k in ("model", "device")).strip("-") or "run"
             key = "".join(c if c.isalnum() else "-" for c in f"{key}-progress").lower()
             created = create_progress_artifact(percent, key=key, description=text)
             with _lock:

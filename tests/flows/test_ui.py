@@ -100,6 +100,9 @@ def test_flow_run_artifacts_tab_shows_the_report(tmp_path):
     srv, run = prefect_env.compile_run()
     assert run["state"]["type"] == "COMPLETED"
     report = next(a for a in srv.artifacts(run["id"]) if a["key"] == "mnist-cnn-local-report")
+    # the progress artifact the stages kept up to date (tasks.progress), finished at 100 %
+    progress = [a for a in srv.artifacts(run["id"]) if a["type"] == "progress"]
+    assert [(a["key"], a["data"]) for a in progress] == [("mnist-cnn-local-progress", 100.0)], progress
     browser = Browser()
     try:
         browser.call("Page.enable")
@@ -108,7 +111,7 @@ def test_flow_run_artifacts_tab_shows_the_report(tmp_path):
         browser.click_text("Artifacts")
         # the three artifact cards, with the report's description (cards fill in as the API answers)
         browser.wait_text("mnist-cnn-local-report", "mnist-cnn-local-latency", "mnist-cnn-local-tuning",
-                          "tvmflow build report", "latency (ms)")
+                          "mnist-cnn-local-progress", "tvmflow build report", "latency (ms)")
         shot = tmp_path / "ui-artifacts.png"
         browser.screenshot(shot)
         assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
