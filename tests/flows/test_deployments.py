@@ -175,7 +175,9 @@ def test_a_retune_run_while_another_holds_the_device_is_cancelled(tmp_path):
 
     srv = prefect_env.server()
     dep = srv.deployment("tvmflow-retune", "retune-local")
-    assert dep["concurrency_limit"] == 1 and dep["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+    limit = dep.get("global_concurrency_limit") or {}
+    assert (dep.get("concurrency_limit") or limit.get("limit")) == 1, dep
+    assert dep["concurrency_options"]["collision_strategy"] == "CANCEL_NEW", dep
     empty = start_local_workers("local", 0, tmp_path / "empty-tracker")  # a tracker, no board registered
     params = {"models": [prefect_env.MNIST], "budget": 1, "store": str(srv.store), "tracker": empty.tracker,
               "worker_timeout": 240.0}
