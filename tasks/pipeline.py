@@ -16,7 +16,7 @@ import tvm
 from tasks.devices.profiles import DeviceProfile
 from tasks.devices.session import DeviceAddress, DeviceSession
 from tasks.devices.validate import DeviceRun, Validation, compare
-from tasks.errors import TvmflowError
+from tasks.errors import GateFailed
 from tasks.importers.model_import import (
     InputSpec,
     detect_format,
@@ -232,7 +232,7 @@ def baselines(source: ModelSource, sample0: dict, framework_ms: float, work_dir:
     return out
 
 
-def gate_failure(report: BuildReport, prepared: PreparedModel, dataset) -> TvmflowError:
+def gate_failure(report: BuildReport, prepared: PreparedModel, dataset) -> GateFailed:
     """Validation failed: keep the report where the user can read it (outside the run's scratch
     folder) and return the one-line error. For a converted precision the report gets the
     per-layer error against fp32 and the error names the layer to try keeping in float."""
@@ -241,7 +241,7 @@ def gate_failure(report: BuildReport, prepared: PreparedModel, dataset) -> Tvmfl
     folder = cache.cache_root() / "failed-runs" / f"{report.model}-{uuid.uuid4().hex[:8]}"
     if prepared.converted is None:
         kept = write_report_files(report, folder)
-        return TvmflowError(f"validation failed ({report.validation.reason}); nothing published; "
+        return GateFailed(f"validation failed ({report.validation.reason}); nothing published; "
                             f"report in {kept['report.md']}")
     rows = layer_report(prepared.source, prepared.requested_inputs, prepared.converted, dataset)
     worst = worst_layer(rows)
@@ -250,7 +250,7 @@ def gate_failure(report: BuildReport, prepared: PreparedModel, dataset) -> Tvmfl
     worst_row = next((r for r in rows if r["layer"] == worst), None)
     hint = (f"; largest per-layer error jump at {worst} (SNR {worst_row['snr_db']:.1f} dB): try "
             f"--keep-float {worst}" if worst_row else "")
-    return TvmflowError(f"{report.precision} validation failed ({report.validation.reason}); nothing "
+    return GateFailed(f"{report.precision} validation failed ({report.validation.reason}); nothing "
                         f"published{hint}; per-layer report in {folder / 'report.md'}")
 
 
