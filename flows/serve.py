@@ -69,7 +69,7 @@ def serve(port: int = 4200, device: str = "local", servers: int = 2, deploy: boo
     workers = None
 
     def spawn(cmd, env, name):
-        out = open(logs / f"{name}.log", "ab")
+        out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - the child process writes to it
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, start_new_session=True))
         return procs[-1]

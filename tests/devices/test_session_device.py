@@ -9,7 +9,7 @@ from tasks.devices.validate import session_device
 
 def test_each_target_kind_gets_that_device_of_a_real_rpc_session(local_workers):
     session = rpc.connect_tracker(local_workers.host, local_workers.tracker_port).request("local", session_timeout=60)
-    mask = lambda dev: dev.dlpack_device_type() % rpc.base.RPC_SESS_MASK  # noqa: E731 - the kind, without the session bits
+    mask = lambda dev: dev.dlpack_device_type() % rpc.base.RPC_SESS_MASK  # the kind, without the session bits
     kinds = {kind: mask(session_device(session, kind)) for kind in ("llvm", "c", "cuda", "opencl", "vulkan", "webgpu")}
     assert kinds == {"llvm": 1, "c": 1, "cuda": 2, "opencl": 4, "vulkan": 7, "webgpu": 15}
     cpu = session_device(session, "llvm")

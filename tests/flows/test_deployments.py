@@ -9,12 +9,12 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import prefect_env
 import yaml
 from prefect.results import ResultRecord
 
-import prefect_env
-from tasks.storage.cache import sha256_file
 from tasks.devices.profiles import load_fleet
+from tasks.storage.cache import sha256_file
 
 ROOT = prefect_env.ROOT
 
@@ -26,7 +26,8 @@ def _stored_result(run: dict, data: bytes):
 
 def test_prefect_yaml_matches_the_fleet():
     """prefect.yaml is generated from devices.yaml: a compile and a nightly retune deployment per device."""
-    check = subprocess.run([sys.executable, "deployments/generate.py", "--check"], cwd=ROOT, capture_output=True, text=True)
+    check = subprocess.run([sys.executable, "deployments/generate.py", "--check"], cwd=ROOT, capture_output=True, text=True,
+                           check=False)
     assert check.returncode == 0, check.stderr
     spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
     names = {d["name"]: d for d in spec["deployments"]}
@@ -63,7 +64,7 @@ def test_nightly_deployment_gets_scheduled_runs_from_its_cron():
         time.sleep(1)
     assert runs, "the scheduler created no runs for the nightly deployment"
     for run in runs:
-        start = datetime.fromisoformat(run["expected_start_time"].replace("Z", "+00:00"))
+        start = datetime.fromisoformat(run["expected_start_time"])
         assert (start.hour, start.minute, start.utcoffset().total_seconds()) == (2, 0, 0)
         assert run["parameters"]["device"] == "local" and run["parameters"]["budget"] == 64
     assert len({r["expected_start_time"] for r in runs}) == len(runs)  # one per night
