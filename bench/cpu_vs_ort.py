@@ -102,79 +102,13 @@ def tvm_out(ex, x: np.ndarray) -> np.ndarray:
     return (out if hasattr(out, "numpy") else out[0]).numpy()
 
 
-def profile_ops(ex, x: np.ndarray, rounds: int = 3) -> list[tuple[str, float]]:
-    """(kernel or extern name, median us) of every call of `main`, in call order."""
-    from tvm import relax
-
-    vm = relax.VirtualMachine(ex, tvm.cpu(), profile=True)
-    arg = tvm.runtime.tensor(x)
-    vm["main"](arg)
-    per_round = []
-    for _ in range(rounds):
-        report = vm.profile("main", arg)
-        per_round.append([(str(c["Name"]), float(c["Duration (us)"].microseconds)) for c in report.calls])
-    return [(name, float(np.median([r[i][1] for r in per_round]))) for i, (name, _) in enumerate(per_round[0])]
-
-
-EPILOGUE = ("fused_add", "add", "relu", "clip", "fused_relu", "fused_clip")
-
-
-def op_times(calls, offloaded: set[str]) -> dict[str, tuple[float, str]]:
-    """Per operator id (conv2d_i / matmul_i in graph order): its time in us and the kernel name.
-    An extern call counts with the element-wise kernel right after it (the residual add / ReLU
-    that the TIR build fuses into its conv kernel)."""
-    out, counters = {}, {"conv2d": 0, "matmul": 0}
-    i = 0
-    while i < len(calls):
-        name, us = calls[i]
-        kind = "conv2d" if "conv2d" in name else "matmul" if "matmul" in name else None
-        if kind is None:
-            i += 1
-            continue
-        op_id = f"{kind}_{counters[kind]}"
-        counters[kind] += 1
-        if name.startswith("tvmflow.") and i + 1 < len(calls) and calls[i + 1][0].startswith(EPILOGUE):
-            us += calls[i + 1][1]
-            i += 1
-        out[op_id] = (us, name)
-        i += 1
-    return out
-
-
-def choose_ops(tir_calls, vendor_calls, vendor: str, tuned_names: set[str] | None, default_calls=None):
-    """list[OperatorChoice]: per operator, tuned / default TIR vs the vendor library."""
-    from tasks.build.candidates import Candidate, choose
-
-    tir = op_times(tir_calls, set())
-    lib = op_times(vendor_calls, set())
-    dflt = op_times(default_calls, set()) if default_calls is not None else None
-    choices = []
-    for op_id, (us, kernel) in tir.items():
-        cands = []
-        if tuned_names is not None:
-            if kernel in tuned_names:
-                cands.append(Candidate("tuned", us / 1000))
-            else:
-                cands.append(Candidate("tuned", None, "no tuning record"))
-            if dflt and op_id in dflt:
-                cands.append(Candidate("default", dflt[op_id][0] / 1000))
-        else:
-            cands.append(Candidate("default", us / 1000))
-        if op_id in lib and lib[op_id][1].startswith("tvmflow."):
-            cands.append(Candidate(vendor, lib[op_id][0] / 1000))
-        else:
-            cands.append(Candidate(vendor, None, "not offloaded (grouped conv or unsupported)"))
-        choice = choose(op_id, cands)
-        choice.operator = f"{op_id} ({kernel})"
-        choices.append(choice)
-    return choices
-
-
 # ---------------------------------------------------------------- one model
-def run_model(name: str, args, device, workers, details: dict, rows: list) -> None:
+def run_model(name: str, args, device, workers, details: dict, rows: list, flush=lambda: None) -> None:
     import torch
 
     from tasks.build.candidates import choices_table
+    from tasks.build.cpu_vendor import offload, profile_calls, vendor_choices, winners_of
+    from tasks.tuning.extract import convert_layout
     from tasks.importers.datasets import Dataset
     from tasks.importers.model_import import export_factory, import_pt2
     from tasks.precision.calibrate import calibrate
@@ -220,6 +154,7 @@ def run_model(name: str, args, device, workers, details: dict, rows: list) -> No
         d["variants"][label] = {"ms": ms_, "max_abs_err": err, "build_s": round(time.time() - t0, 1),
                                 "tasks": len(extract_tasks(prepared, device.tvm_target()))}
         say(name, label, d["variants"][label])
+        flush()  # a call cut short by its time limit still brings back every variant measured
         return prepared, ex, ms_
 
     # fp32 at 0 trials, lever by lever
@@ -230,7 +165,8 @@ def run_model(name: str, args, device, workers, details: dict, rows: list) -> No
     best_layout = min(layouts, key=lambda k: layouts[k][2])
     d["best_layout_at_0"] = best_layout
     _, default_ex, default_ms = layouts[best_layout]
-    default_calls = profile_ops(default_ex, x)
+    default_calls = profile_calls(default_ex, x)
+    layers = offload(convert_layout(fold_batchnorm(mod), best_layout), device.tvm_target()).candidates
     picks = {}  # budget -> (ms, ex)
     vendor_best = None
     for vendor in args.vendors:
@@ -240,9 +176,9 @@ def run_model(name: str, args, device, workers, details: dict, rows: list) -> No
             d["variants"][f"{best_layout} + {vendor}"] = {"error": "library not available here"}
             continue
         _, vex, vms = variant(f"{best_layout} + {vendor} (every conv/dense)", layout=best_layout, vendor=vendor)
-        vcalls = profile_ops(vex, x)
-        choices = choose_ops(default_calls, vcalls, vendor, None)
-        winners = {c.operator.split(" ")[0] for c in choices if c.chosen == vendor}
+        vcalls = profile_calls(vex, x)
+        choices = vendor_choices(default_calls, vcalls, vendor, layers)
+        winners = winners_of(choices, vendor)
         _, pex, pms = variant(f"{best_layout} + {vendor} pick-best, 0 trials", layout=best_layout, vendor=vendor,
                               vendor_only=winners)
         d["choices"][f"0 trials, {vendor}"] = [c.to_json() for c in choices]
@@ -266,7 +202,7 @@ def run_model(name: str, args, device, workers, details: dict, rows: list) -> No
         from tasks.tuning.joint import last_summary
 
         tex = compile_module(prepared, device, db)
-        tcalls = profile_ops(tex, x)
+        tcalls = profile_calls(tex, x)
         tuned_names = {r.name for r in results if r.valid}
         d["tuning"][str(budget)] = {"summary": {k: v for k, v in (last_summary(db) or {}).items() if k != "results"},
                                     "curves": {r.name: r.curve for r in results if r.curve},
@@ -275,8 +211,8 @@ def run_model(name: str, args, device, workers, details: dict, rows: list) -> No
         say(name, f"tuned {budget}", d["tuning"][str(budget)]["tuned_ms"], "in", tune_s[budget], "s")
         best = (d["tuning"][str(budget)]["tuned_ms"], tex)
         if vendor_best is not None:
-            choices = choose_ops(tcalls, vendor_best[3], vendor_best[2], tuned_names, default_calls)
-            winners = {c.operator.split(" ")[0] for c in choices if c.chosen == vendor_best[2]}
+            choices = vendor_choices(tcalls, vendor_best[3], vendor_best[2], layers, tuned_names, default_calls)
+            winners = winners_of(choices, vendor_best[2])
             _, pex = build(mod, device, db, layout=best_layout, vendor=vendor_best[2], vendor_only=winners)
             pms = tvm_ms(pex, x, args.repeat)
             d["choices"][f"{budget} trials, {vendor_best[2]}"] = [c.to_json() for c in choices]
@@ -327,7 +263,7 @@ def run_model(name: str, args, device, workers, details: dict, rows: list) -> No
     set_threads(cores)
 
 
-def scaleout(args, device, details: dict) -> list:
+def scaleout(args, device, details: dict, flush) -> list:
     """Joint-tuning wall time of one fixed budget (ResNet-18 fp32 tasks) with N rpc servers."""
     from tasks.devices.workers import start_local_workers
     from tasks.importers.model_import import export_factory, import_pt2
@@ -352,7 +288,8 @@ def scaleout(args, device, details: dict) -> list:
         run = sum(r.trials_run for r in results)
         rows.append({"servers": n, "trials": run, "tune_s": spent})
         say("scaleout", rows[-1])
-    details["scaleout"] = rows
+        details["scaleout"] = rows
+        flush()
     return rows
 
 
@@ -393,12 +330,12 @@ def main(argv=None) -> int:
     details_path = out / f"cpu_details{args.tag}.json"
 
     def flush():
-        (out / "cpu_vs_ort.json").write_text(json.dumps(rows, indent=1))
+        if rows:
+            (out / "cpu_vs_ort.json").write_text(json.dumps(rows, indent=1))
+        if details.get("scaleout"):
+            (out / "scaleout.json").write_text(json.dumps(details["scaleout"], indent=1))
         details_path.write_text(json.dumps(details, indent=1, default=str))
 
-    if args.scaleout:
-        (out / "scaleout.json").write_text(json.dumps(scaleout(args, device, details), indent=1))
-        flush()
     workers = None
     if any(b > 0 for b in args.budgets):
         workers = start_local_workers(device.rpc_key, args.servers, Path(tempfile.mkdtemp()) / "logs",
@@ -406,7 +343,7 @@ def main(argv=None) -> int:
     try:
         for name in args.models:
             try:
-                run_model(name, args, device, workers, details, rows)
+                run_model(name, args, device, workers, details, rows, flush)
             except Exception as err:  # noqa: BLE001 - one model's failure must not lose the others' rows
                 import traceback
 
@@ -416,6 +353,9 @@ def main(argv=None) -> int:
     finally:
         if workers is not None:
             workers.stop()
+    flush()
+    if args.scaleout:  # after the models: the rows matter more if the time runs out
+        scaleout(args, device, details, flush)
     flush()
     return 0
 

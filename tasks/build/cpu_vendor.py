@@ -124,6 +124,13 @@ class VendorOp:
     kind: str  # "conv2d" | "matmul"
     shape: str  # e.g. "1x56x56x64 -> 1x56x56x64 k3x3 s1 g1"
     post: str | None = None
+    out_shape: tuple = ()
+    w_shape: tuple = ()
+
+    @property
+    def key(self) -> tuple:
+        """What identifies this operator in a profile of any build: kind, output and weight shape."""
+        return (self.kind, tuple(self.out_shape), tuple(self.w_shape))
 
     def to_json(self) -> dict:
         return {"op_id": self.op_id, "kind": self.kind, "shape": self.shape, "post": self.post}
@@ -279,7 +286,7 @@ def offload(mod, target=None, only: set | None = None, backend: str = "dnnl") ->
                         f"s{int(a.strides[0])} g{int(a.groups)} {a.data_layout}")
             else:
                 desc = f"{'x'.join(map(str, x_shape))} @ {'x'.join(map(str, _shape(call.args[1])))}"
-            op = VendorOp(op_id, kind, desc, post)
+            op = VendorOp(op_id, kind, desc, post, tuple(out_shape), tuple(_shape(call.args[1])))
             result.candidates.append(op)
             if only is not None and op_id not in only:
                 continue
@@ -338,3 +345,124 @@ def offload(mod, target=None, only: set | None = None, backend: str = "dnnl") ->
         new_mod[gvar] = func
     result.mod = relax.transform.DeadCodeElimination()(new_mod)
     return result
+
+
+# ---- per-operator pick-best: time each operator in a TIR build and in a vendor build
+def profile_calls(ex, x, rounds: int = 3) -> list[tuple[str, float]]:
+    """(kernel or extern name, median us) of every call of `main`, in call order. TVM 0.27's VM
+    has no profiler: a VM instrument stamps the time around every call (as bench/compile_bench.py)."""
+    import time
+
+    import numpy as np
+    import tvm
+    from tvm import relax
+    from tvm.runtime.vm import VMInstrumentReturnKind
+
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    arg = tvm.runtime.tensor(x)
+    vm["main"](arg)
+    calls: list = []
+    stamp: dict = {}
+
+    def instrument(func, symbol, before, ret, *call_args):
+        if before:
+            stamp[symbol] = time.perf_counter()
+        else:
+            us = (time.perf_counter() - stamp[symbol]) * 1e6
+            shapes = [tuple(int(d) for d in a.shape) for a in call_args if hasattr(a, "shape")]
+            calls.append((str(symbol), us, _call_key(str(symbol), shapes)))
+        return VMInstrumentReturnKind.NO_OP
+
+    vm.set_instrument(tvm.runtime.convert(instrument) if hasattr(tvm.runtime, "convert") else instrument)
+    per_round = []
+    for _ in range(rounds):
+        calls.clear()
+        vm["main"](arg)
+        per_round.append(list(calls))
+    keep = [c for c in per_round[0] if not c[0].startswith("vm.builtin")]
+    rows = [[c for c in r if not c[0].startswith("vm.builtin")] for r in per_round]
+    return [(name, float(np.median([r[i][1] for r in rows])), key) for i, (name, _, key) in enumerate(keep)]
+
+
+def _call_key(name: str, shapes: list) -> tuple | None:
+    """(kind, output shape, weight shape) of a conv / matmul call, from its argument shapes: the
+    output is the last argument (destination passing); the weight is the input whose leading
+    (conv: O of OIHW / OHWI) or trailing (matmul: N of K x N) extent is the output's channels."""
+    kind = "conv2d" if "conv2d" in name else "matmul" if "matmul" in name else None
+    if kind is None or not shapes:
+        return None
+    out, ins = shapes[-1], shapes[:-1]
+    if kind == "conv2d" and len(out) == 4:
+        for channels in (out[3], out[1]):
+            weight = next((s for s in ins if len(s) == 4 and s[0] == channels and s[0] != out[0]), None)
+            if weight is not None:
+                return (kind, out, weight)
+    if kind == "matmul":
+        weight = next((s for s in ins if len(s) == 2 and s[-1] == out[-1] and s != out), None)
+        if weight is not None:
+            return (kind, out, weight)
+    return (kind, out, None)
+
+
+EPILOGUE = ("fused_add", "add", "relu", "clip", "fused_relu", "fused_clip")
+
+
+def operator_times(calls) -> dict[tuple, tuple[float, str]]:
+    """Per operator key (kind, output shape, weight shape, n-th such operator): its time in us
+    and the kernel name. Keys, not call order: fusion moves a residual branch's conv before or
+    after the main branch's depending on what got fused, so the n-th conv of two builds can be
+    different layers. An extern call counts with the element-wise kernel right after it (the
+    residual add / ReLU that the TIR build fuses into its conv kernel)."""
+    out: dict = {}
+    seen: dict = {}
+    i = 0
+    while i < len(calls):
+        name, us, key = calls[i]
+        if key is None:
+            i += 1
+            continue
+        if name.startswith("tvmflow.") and i + 1 < len(calls) and calls[i + 1][0].startswith(EPILOGUE):
+            us += calls[i + 1][1]
+            i += 1
+        n = seen[key] = seen.get(key, -1) + 1
+        out[(*key, n)] = (us, name)
+        i += 1
+    return out
+
+
+def vendor_choices(tir_calls, vendor_calls, vendor: str, ops: list, tuned_names: set[str] | None = None,
+                   default_calls=None):
+    """list[OperatorChoice], one per layer of `ops` (offload(...).candidates, graph order):
+    the TIR build's kernel (tuned when its name is in `tuned_names`; `default_calls`, a build
+    without database, then gives the default candidate) against the vendor build's call."""
+    from tasks.build.candidates import Candidate, choose
+
+    tir, lib = operator_times(tir_calls), operator_times(vendor_calls)
+    dflt = operator_times(default_calls) if default_calls is not None else None
+    seen: dict = {}
+    choices = []
+    for op in ops:
+        n = seen[op.key] = seen.get(op.key, -1) + 1
+        key = (*op.key, n)
+        cands = []
+        us, kernel = tir.get(key, (None, "?"))
+        if tuned_names is not None:
+            cands.append(Candidate("tuned", us / 1000) if us is not None and kernel in tuned_names
+                         else Candidate("tuned", None, "no tuning record"))
+            if dflt and key in dflt:
+                cands.append(Candidate("default", dflt[key][0] / 1000))
+        else:
+            cands.append(Candidate("default", us / 1000) if us is not None else Candidate("default", None, "not found"))
+        if key in lib and lib[key][1].startswith("tvmflow."):
+            cands.append(Candidate(vendor, lib[key][0] / 1000))
+        else:
+            cands.append(Candidate(vendor, None, "not offloaded (grouped conv or unsupported)"))
+        choice = choose(op.op_id, cands)
+        choice.operator = f"{op.op_id} ({kernel}; {op.shape})"
+        choices.append(choice)
+    return choices
+
+
+def winners_of(choices, vendor: str) -> set[str]:
+    """Operator ids whose chosen backend is `vendor`: prepare_for_tuning(vendor_only=...)."""
+    return {c.operator.split(" ")[0] for c in choices if c.chosen == vendor}

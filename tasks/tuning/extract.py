@@ -40,7 +40,9 @@ def fold_batchnorm(mod):
 
     Without it every conv task is conv2d_subtract_divide_multiply_add (a divide per output
     element) and ResNet-18 has 24 tasks instead of 19; onnxruntime folds BN the same way.
-    A no-op for modules without conv2d + batch_norm (QDQ imports come folded already)."""
+    A no-op for modules without conv2d + batch_norm (QDQ imports come folded already). Only a
+    conv2d feeding batch_norm directly folds (TVM's pattern): a conv with its own bias (conv2d,
+    add, batch_norm) keeps its BN, which stays correct, only slower."""
     from tvm import relax
 
     mod = relax.transform.FoldBatchnormToConv2D()(mod)

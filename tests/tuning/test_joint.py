@@ -55,6 +55,7 @@ def test_saved_cost_model_ranks_candidates_better_than_a_fresh_one(session):
     task's measured candidates by speed; a fresh model's first round is random."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
+    from tvm_ffi.structural import structural_equal
 
     from tasks.tuning.pick_best import open_db
 
@@ -66,7 +67,7 @@ def test_saved_cost_model_ranks_candidates_better_than_a_fresh_one(session):
     db = open_db(work)
     mod = tvm.ir.load_json(tasks[0].mod_json)
     records = [r for r in db.get_all_tuning_records()
-               if tvm.ir.structural_equal(r.workload.mod, mod) and r.run_secs and float(r.run_secs[0]) < 1e9]
+               if structural_equal(r.workload.mod, mod) and r.run_secs and float(r.run_secs[0]) < 1e9]
     assert len(records) >= 8, "too few measured candidates of the heaviest task"
     context = ms.TuneContext(mod=mod, target=tvm.target.Target(device.target), task_name=tasks[0].name)
     candidates = [r.as_measure_candidate() for r in records]
