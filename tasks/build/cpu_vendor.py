@@ -281,9 +281,10 @@ def offload(mod, target=None, only: set | None = None, backend: str = "dnnl") ->
             x_shape = _shape(call.args[0])
             if kind == "conv2d":
                 a = call.attrs
+                w = _shape(call.args[1])
+                kernel = w[1:3] if a.data_layout == "NHWC" else w[2:4]
                 desc = (f"{'x'.join(map(str, x_shape))} -> {'x'.join(map(str, out_shape))} "
-                        f"k{'x'.join(map(str, _ints(a.kernel_size) if hasattr(a, 'kernel_size') else _shape(call.args[1])[2:]))} "
-                        f"s{int(a.strides[0])} g{int(a.groups)} {a.data_layout}")
+                        f"k{'x'.join(map(str, kernel))} s{int(a.strides[0])} g{int(a.groups)} {a.data_layout}")
             else:
                 desc = f"{'x'.join(map(str, x_shape))} @ {'x'.join(map(str, _shape(call.args[1])))}"
             op = VendorOp(op_id, kind, desc, post, tuple(out_shape), tuple(_shape(call.args[1])))
