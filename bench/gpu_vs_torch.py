@@ -46,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--precisions", default="fp16,fp32")
     p.add_argument("--dlight-precisions", default="fp16", help="cells that also get the stock DLight build")
     p.add_argument("--max-autotune", action="store_true", help="also torch.compile mode max-autotune")
+    p.add_argument("--no-warm", action="store_true", help="tvm: no torch.compile warm-ups to wait for")
     p.add_argument("--work", default="/root/gvt", help="scratch folder on the GPU machine")
     p.add_argument("--contrib", default="", help="a prebuilt contrib library to use if building fails")
     p.add_argument("--deadline", type=float, default=540, help="seconds after start: skip what would not fit")
@@ -291,7 +292,8 @@ def run_tvm(args) -> dict:
     started = time.monotonic()
     built = gpu.build_models(inputs, target, timeout=max(60, int(args.deadline - (time.monotonic() - T0) - 90)))
     log(f"built {len(inputs)} models in {time.monotonic() - started:.0f} s")
-    wait_for_warm(args, limit=max(0.0, args.deadline - (time.monotonic() - T0) - 120))
+    if not args.no_warm:
+        wait_for_warm(args, limit=max(0.0, args.deadline - (time.monotonic() - T0) - 120))
 
     # 5. time them; error against torch eager on the same input
     setup_torch()

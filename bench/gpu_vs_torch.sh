@@ -26,16 +26,17 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 MODELS=resnet18,resnet50,mobilenet_v2,efficientnet_lite0
 if [ "$PHASE" = tvm ]; then
   python3 -c "import tvm, tvm_ffi; print('tvm', tvm.__version__, 'ffi', tvm_ffi.__version__, 'cuda', tvm.cuda().exist)" || exit 5
-  pids=()
-  for m in ${MODELS//,/ }; do
+  pids=() WARM_MODELS=${MODELS//,/ } EXTRA=${TVM_ARGS:-}
+  [ -n "${NO_WARM:-}" ] && WARM_MODELS="" EXTRA="$EXTRA --no-warm"
+  for m in $WARM_MODELS; do
     timeout 470 python3 bench/gpu_vs_torch.py --phase torch-warm --models "$m" --precisions "$PRECISIONS" \
       --work "$WORK" --out "$WORK" --deadline 450 > "$WORK/warm_$m.log" 2>&1 &
     pids+=($!)
   done
   timeout 540 python3 bench/gpu_vs_torch.py --phase tvm --models "$MODELS" --precisions "$PRECISIONS" \
-    --work "$WORK" --out "$OUT" --deadline 520 --contrib "$W/libtvmflow_cuda_contrib.so" 2>&1 | tee "$OUT/tvm.log" | tail -60
+    --work "$WORK" --out "$OUT" --deadline 520 --contrib "$W/libtvmflow_cuda_contrib.so" $EXTRA 2>&1 | tee "$OUT/tvm.log" | tail -60
   for p in "${pids[@]}"; do wait "$p"; done
-  cat "$WORK"/warm_*.log > "$OUT/warm.log"
+  [ -z "${NO_WARM:-}" ] && cat "$WORK"/warm_*.log > "$OUT/warm.log"
 elif [ "$PHASE" = torch ]; then
   timeout 560 python3 bench/gpu_vs_torch.py --phase torch --models "$MODELS" --precisions "$PRECISIONS" \
     --work "$WORK" --out "$OUT" --deadline 540 ${MAX_AUTOTUNE:+--max-autotune} 2>&1 | tee "$OUT/torch.log" | tail -40
