@@ -113,8 +113,9 @@ def test_second_identical_run_reuses_everything(first_run, flow_env, shared_cach
     assert (base / "LATEST").read_text() == manifest.parent.name
 
 
-def _assert_user_error(code, out, err, store: Path, match: str):
-    assert code == 2
+def _assert_user_error(code, out, err, store: Path, match: str, expected: int = 2):
+    """One `error:` line, the exit code of its kind (tasks/errors.py), nothing published."""
+    assert code == expected, err[-2000:]
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, err[-3000:]
     assert match in lines[0], lines[0]
@@ -153,7 +154,7 @@ def test_unreachable_tracker(tmp_path, first_run, shared_cache, prefect_harness,
     port = free_port()
     code, out, err = _run_cli(["compile", "--model", MODEL, "--data", DATA, "--trials", "32", "--store", str(store),
                                "--tracker", f"127.0.0.1:{port}"], capsys)
-    _assert_user_error(code, out, err, store, f"cannot reach the RPC tracker at 127.0.0.1:{port}")
+    _assert_user_error(code, out, err, store, f"cannot reach the RPC tracker at 127.0.0.1:{port}", expected=4)
 
 
 def test_data_that_does_not_fit_the_model(tmp_path, first_run, shared_cache, prefect_harness, capsys):
@@ -169,7 +170,7 @@ def test_failed_validation_publishes_nothing(tmp_path, local_workers, prefect_ha
     code, out, err = _run_cli(["compile", "--model", "tests.flow_models:train_mode_dropout", "--data", DATA,
                                "--trials", "0", "--no-untuned", "--store", str(store),
                                "--tracker", local_workers.tracker], capsys)
-    _assert_user_error(code, out, err, store, "validation failed")
+    _assert_user_error(code, out, err, store, "validation failed", expected=3)
     line = next(line for line in err.splitlines() if line.startswith("error: "))
     report = Path(line.rsplit("report in ", 1)[-1].strip())
     assert report.exists() and "FAILED" in report.read_text()
@@ -216,3 +217,38 @@ def test_cli_prints_no_traceback_for_user_errors(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "does not exist" in errors[0]
     _assert_nothing_published(tmp_path / "store")
+
+
+def test_bumped_cache_version_misses(monkeypatch):
+    """A stage's cache key carries tvmflow's version and the stage's schema version: bumping
+    either makes the next run miss (and import again); `refresh` ignores the entry."""
+    from tasks import pipeline
+    from tasks.devices.profiles import get_device
+    from tasks.storage import cache
+
+    device = get_device("local")
+    source = pipeline.fetch_model(MODEL)
+    assert pipeline.import_prepared(source, device)[3] is False  # fresh cache (tvmflow_cache fixture)
+    assert pipeline.import_prepared(source, device)[3] is True
+    assert pipeline.import_prepared(source, device, refresh=True)[3] is False
+    monkeypatch.setitem(cache.SCHEMA, "import", cache.SCHEMA["import"] + 1)
+    assert pipeline.import_prepared(source, device)[3] is False
+    assert pipeline.import_prepared(source, device)[3] is True
+    monkeypatch.setattr(cache, "tvmflow_version", lambda: "999.0")
+    assert pipeline.import_prepared(source, device)[3] is False
+    leftovers = [p for p in (cache.cache_root() / "import").iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # no half-written entry stays behind
+
+
+def test_refresh_reruns_every_stage(first_run, flow_env, shared_cache, capsys):
+    """--refresh after identical runs: nothing comes from a cache, every tuned task is searched again
+    (warm-started from the shared database instead of reused), and no run folder is left behind."""
+    _, store = flow_env
+    code, out, err = _run_cli(["compile", "--model", MODEL, "--data", DATA, "--trials", "32", "--store", str(store),
+                               "--no-untuned", "--refresh", "--json"], capsys)
+    assert code == 0, err[-2000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["cache_hits"] == [] and summary["validation"]["passed"]
+    assert summary["trials"] > 0
+    assert summary["tuning_reuse"]["reused"] == 0 and summary["tuning_reuse"]["warm_started"] >= 1
+    assert not list((shared_cache / "runs").iterdir())

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
+import prefect_env
 import pytest
 
-import prefect_env
-from tasks import retune_logic
+from tasks import retune as retune_logic
 from tasks.errors import TvmflowError
 
 
@@ -90,3 +90,74 @@ def test_incremental_retune_tunes_on_a_dask_cluster(monkeypatch, tvmflow_cache):
         assert manifest["validation"]["passed"]
     else:
         assert row["status"] == "kept" and "slower than LATEST" in row["reason"] and _latest(srv) == before
+
+
+MNIST_MODEL, MNIST_DATA = "tasks.importers.bundled:mnist_cnn", "bundled:mnist:64"
+
+
+def test_entry_precision_comes_from_the_entry_the_run_or_latest():
+    entry = retune_logic.parse_models([{"model": MNIST_MODEL, "precision": "int8"}, MNIST_MODEL])
+    assert retune_logic.entry_precision(entry[0], None, None) == "int8"
+    assert retune_logic.entry_precision(entry[1], "fp16", None) == "fp16"
+    assert retune_logic.entry_precision(entry[1], None, None) == "fp32"
+    with pytest.raises(TvmflowError, match="int4"):
+        retune_logic.check_parameters("local", [{"model": MNIST_MODEL, "precision": "int4"}], 16, ".")
+
+
+def _buffer_dtypes(db_folder) -> set[str]:
+    """The 8-bit dtypes named in the workloads (kernels) of a tuning database."""
+    from tasks.tuning.pick_best import open_db
+
+    texts = [record.workload.mod.script() for record in open_db(db_folder).get_all_tuning_records()]
+    return {d for d in ("int8", "uint8") if any(f'"{d}"' in t or f"T.{d}" in t for t in texts)}
+
+
+@pytest.fixture(scope="module")
+def int8_retune(tmp_path_factory, local_workers, prefect_harness):
+    """An int8 retune of the MNIST CNN into an empty store (no LATEST yet), 16 trials."""
+    from flows.retune import retune_flow
+
+    root = tmp_path_factory.mktemp("int8-retune")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TVMFLOW_CACHE", str(root / "cache"))
+    try:
+        outcomes = retune_flow(device="local", models=[{"model": MNIST_MODEL, "data": MNIST_DATA}], budget=16,
+                               store=str(root / "store"), tracker=local_workers.tracker, precision="int8")
+    finally:
+        patch.undo()
+    return root / "store", outcomes
+
+
+def test_int8_retune_publishes_a_validated_int8_build(int8_retune):
+    store, [outcome] = int8_retune
+    assert outcome["status"] == "published", outcome
+    assert outcome["precision"] == "int8" and 0 < outcome["trials"] <= 16
+    folder = store / "builds" / "mnist_cnn" / "local" / outcome["build_id"]
+    assert (folder.parent / "LATEST").read_text() == outcome["build_id"]
+    report = json.loads((folder / "report.json").read_text())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert report["precision"] == manifest["precision"] == "int8"
+    assert report["validation"]["passed"] and report["validation"]["precision"] == "int8"
+    assert "MNIST" in report["precision_info"]["calibration"]["source"]  # calibrated on the entry's data
+    assert report["precision_info"]["calibration"]["samples"] == 64
+    # the kernels it built and tuned compute in int8: the published and the pushed databases say so
+    assert {"int8", "uint8"} & _buffer_dtypes(folder)
+    [shard] = list((store / "tuning").glob("*/local/shards/*"))
+    assert {"int8", "uint8"} & _buffer_dtypes(shard)
+    meta = json.loads((shard / "meta.json").read_text())
+    assert meta["model"] == "mnist_cnn" and sum(w["trials"] for w in meta["workloads"].values()) == 16
+
+
+def test_compile_after_a_retune_reuses_its_shared_records(int8_retune, local_workers, prefect_harness):
+    """The on-demand compile of the same model, device and precision right after the retune, with an
+    empty local cache: every task the retune tuned comes from the shared database, 0 new trials."""
+    from flows.compile import compile_flow
+
+    store, _ = int8_retune
+    report = compile_flow(model=MNIST_MODEL, data=MNIST_DATA, trials=16, store=str(store),
+                          tracker=local_workers.tracker, precision="int8", measure_untuned=False,
+                          precision_options={"calibration": MNIST_DATA})
+    assert report["precision"] == "int8" and report["validation"]["passed"]
+    assert report["trials"] == 0 and report["tuning_reuse"]["reused"] >= 1
+    assert report["tuning_reuse"]["fresh"] == report["tuning_reuse"]["warm_started"] == 0
+    assert report["tuning_reuse"]["shard"] is None  # nothing new to push
