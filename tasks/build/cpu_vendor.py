@@ -60,7 +60,7 @@ def dnnl_lib_dir() -> Path | None:
 def _load_dnnl_runtime() -> None:
     libdir = dnnl_lib_dir()
     if libdir is None:
-        raise TvmflowError("oneDNN is not installed: pip install onednn onednn-devel (requirements.txt), "
+        raise TvmflowError("oneDNN is not installed: pip install "tvmflow[onednn]" (or onednn onednn-devel), "
                            "or set TVMFLOW_DNNL_LIBDIR to the folder holding libdnnl.so.3")
     ocl = libdir / "libintelocl.so"
     if ocl.exists():  # the SYCL CPU device: OpenCL's ICD loader reads this before its first call
@@ -88,7 +88,7 @@ def load_library(backend: str = "dnnl") -> Path:
 
             ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), "libscipy_openblas.so"), mode=ctypes.RTLD_GLOBAL)
         except ImportError as err:
-            raise TvmflowError("OpenBLAS is not installed: pip install scipy-openblas32 (requirements.txt)") from err
+            raise TvmflowError("OpenBLAS is not installed: pip install scipy-openblas32 (a tvmflow dependency)") from err
     ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
     _LOADED[backend] = lib
     return lib
