@@ -33,7 +33,7 @@ import tvm  # noqa: E402
 import tvm.s_tir.tensor_intrin  # noqa: E402,F401 - before torch.export fills sys.modules (12 s vs 100 s)
 import numpy as np  # noqa: E402
 
-from tasks import gpu  # noqa: E402
+from tasks.build import gpu  # noqa: E402
 from tasks.tuning.extract import allocate_trials, extract_tasks  # noqa: E402
 from tasks.importers.model_import import InputSpec, export_factory, import_pt2  # noqa: E402
 from tasks.tuning.pick_best import DB_FILES, has_db, open_db  # noqa: E402
@@ -268,7 +268,7 @@ def run_measure(args, target, cache: Path, out: Path, dump) -> dict:
                     continue
                 started = time.monotonic()
                 try:
-                    ex = gpu.compile_gpu(prepared(name, batch, precision, target, cache), target, database, graph)
+                    ex = gpu.compile_prepared(prepared(name, batch, precision, target, cache), target, database, graph)
                     outs[label], res[label] = tvm_run(ex, dev, x, args.repeat)
                 except Exception as err:  # noqa: BLE001 - one failed path must not sink the table
                     res[label] = None

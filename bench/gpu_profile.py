@@ -27,7 +27,7 @@ def main():
     target = tvm.target.Target(gb.gpu.cuda_target("sm_90"))
     database = gb.open_db(a.db) if a.db else None
     mod = gb.prepared(a.model, a.batch, a.precision, target, Path(a.cache))
-    ex = gb.gpu.compile_gpu(mod, target, database)
+    ex = gb.gpu.compile_prepared(mod, target, database)
     dev = tvm.cuda(0)
     vm = relax.VirtualMachine(ex, dev)
     x = tvm.runtime.tensor(gb.photo_batch(a.batch), dev)
