@@ -60,7 +60,7 @@ def dnnl_lib_dir() -> Path | None:
 def _load_dnnl_runtime() -> None:
     libdir = dnnl_lib_dir()
     if libdir is None:
-        raise TvmflowError("oneDNN is not installed: pip install "tvmflow[onednn]" (or onednn onednn-devel), "
+        raise TvmflowError("oneDNN is not installed: pip install 'tvmflow[onednn]' (or onednn onednn-devel), "
                            "or set TVMFLOW_DNNL_LIBDIR to the folder holding libdnnl.so.3")
     ocl = libdir / "libintelocl.so"
     if ocl.exists():  # the SYCL CPU device: OpenCL's ICD loader reads this before its first call
