@@ -14,6 +14,7 @@ uses hardware_concurrency()/2 on x86 (it assumes hyper-threading): 1 thread on t
 VM. The rpc servers inherit this process's environment, so each worker set here is started
 with TVM_NUM_THREADS set explicitly (tuning and the 2-thread timing at the target's num-cores).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,17 +35,24 @@ import numpy as np  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tasks.importers.bundled:efficientnet_lite0", help="model URI or package.module:factory")
+    p.add_argument(
+        "--model", default="tasks.importers.bundled:efficientnet_lite0", help="model URI or package.module:factory"
+    )
     p.add_argument("--trials", type=int, default=300, help="total MetaSchedule trial budget")
     p.add_argument("--out", help="JSON result path (default bench/results/<model>-<trials>.json)")
     p.add_argument("--data", help="dataset URI (default: the model's bundled data, else seeded random)")
     p.add_argument("--device", default="local", help="device profile; only local workers are started here")
     p.add_argument("--threads", default="1,2", help="thread counts to time every framework with")
     p.add_argument("--repeat", type=int, default=30, help="timed runs for tuned TVM / onnxruntime / torch")
-    p.add_argument("--untuned-repeat", type=int, default=3, help="timed runs of the untuned build (~2 s each); 0 skips it")
+    p.add_argument(
+        "--untuned-repeat", type=int, default=3, help="timed runs of the untuned build (~2 s each); 0 skips it"
+    )
     p.add_argument("--cache", help="TVMFLOW_CACHE to use (default: a fresh temporary folder)")
-    p.add_argument("--note", default="machine shared with other engineers running tests: timings are noisy",
-                   help="free text stored in the result")
+    p.add_argument(
+        "--note",
+        default="machine shared with other engineers running tests: timings are noisy",
+        help="free text stored in the result",
+    )
     return p.parse_args(argv)
 
 
@@ -57,8 +65,11 @@ def time_ms(fn, repeat: int, warmup: int = 3) -> dict:
 
 def stats(latencies_ms) -> dict:
     values = [float(v) for v in latencies_ms]
-    return {"median_ms": round(float(np.median(values)), 3), "p90_ms": round(float(np.percentile(values, 90)), 3),
-            "runs": len(values)}
+    return {
+        "median_ms": round(float(np.median(values)), 3),
+        "p90_ms": round(float(np.percentile(values, 90)), 3),
+        "runs": len(values),
+    }
 
 
 def machine_info(target: dict) -> dict:
@@ -66,16 +77,36 @@ def machine_info(target: dict) -> dict:
     import torch
     import tvm
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), [])
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    flags = next(
+        (
+            line.split(":", 1)[1].split()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        ),
+        [],
+    )
     return {
-        "cpu_model": cpu, "mcpu": target.get("mcpu"), "cores": os.cpu_count(),
+        "cpu_model": cpu,
+        "mcpu": target.get("mcpu"),
+        "cores": os.cpu_count(),
         "isa": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags],
-        "load_avg_at_start": os.getloadavg(), "hostname": platform.node(), "python": platform.python_version(),
-        "versions": {"tvm": tvm.__version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                     "numpy": np.__version__},
+        "load_avg_at_start": os.getloadavg(),
+        "hostname": platform.node(),
+        "python": platform.python_version(),
+        "versions": {
+            "tvm": tvm.__version__,
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__,
+        },
     }
 
 
@@ -130,9 +161,11 @@ def time_onnxruntime(onnx_path: Path, sample: dict, threads: list[int], repeat: 
         opts.intra_op_num_threads = n
         opts.inter_op_num_threads = 1
         session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-        feed = {i.name: np.ascontiguousarray(sample[i.name]) if i.name in sample else next(iter(sample.values()))
-                for i in session.get_inputs()}
-        out[str(n)] = time_ms(lambda: session.run(None, feed), repeat)
+        feed = {
+            i.name: np.ascontiguousarray(sample[i.name]) if i.name in sample else next(iter(sample.values()))
+            for i in session.get_inputs()
+        }
+        out[str(n)] = time_ms(lambda: session.run(None, feed), repeat)  # noqa: B023
     return out
 
 
@@ -220,15 +253,28 @@ def breakdown(profile_us: dict, kernel_tasks: dict, plan, results: list[dict]) -
     for name, row in by_task.items():
         t = info[name]
         r = res.get(name, {})
-        rows.append({**row, "us": round(row["us"], 1), "weight": t.weight, "gflops": round(t.flops * t.weight / 1e9, 4),
-                     "trials": r.get("trials_run", 0), "tuned": bool(r.get("valid")),
-                     "tuner_best_us": round(r["best_ms"] * 1000 * t.weight, 1) if r.get("best_ms") else None})
+        rows.append(
+            {
+                **row,
+                "us": round(row["us"], 1),
+                "weight": t.weight,
+                "gflops": round(t.flops * t.weight / 1e9, 4),
+                "trials": r.get("trials_run", 0),
+                "tuned": bool(r.get("valid")),
+                "tuner_best_us": round(r["best_ms"] * 1000 * t.weight, 1) if r.get("best_ms") else None,
+            }
+        )
     rows.sort(key=lambda r: -r["us"])
     total = sum(r["us"] for r in rows) + other
     untuned = sum(r["us"] for r in rows if not r["tuned"])
-    return {"total_us": round(total, 1), "untuned_tasks_us": round(untuned, 1),
-            "tuned_tasks_us": round(total - untuned - other, 1), "non_kernel_us": round(other, 1),
-            "untuned_share": round(untuned / total, 3) if total else None, "tasks": rows}
+    return {
+        "total_us": round(total, 1),
+        "untuned_tasks_us": round(untuned, 1),
+        "tuned_tasks_us": round(total - untuned - other, 1),
+        "non_kernel_us": round(other, 1),
+        "untuned_share": round(untuned / total, 3) if total else None,
+        "tasks": rows,
+    }
 
 
 def main(argv=None) -> dict:
@@ -254,12 +300,12 @@ def main(argv=None) -> dict:
     import tvm
 
     from tasks import pipeline
+    from tasks.devices.profiles import get_device
     from tasks.devices.session import DeviceAddress
+    from tasks.devices.validate import compare, run_on_device
     from tasks.importers.bundled import DEFAULT_DATA
     from tasks.importers.datasets import load_dataset
-    from tasks.devices.profiles import get_device
     from tasks.importers.reference import export_onnx_for_baseline
-    from tasks.devices.validate import compare, run_on_device
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("tvm.s_tir.meta_schedule", "tvm"):
@@ -272,18 +318,29 @@ def main(argv=None) -> dict:
         handler._bench = True
         progress.addHandler(handler)
         progress.propagate = False
+
     def say(msg: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
 
     device = get_device(args.device)
     target_cores = int(device.target.get("num-cores", max(threads)))
-    started = dt.datetime.now(dt.timezone.utc)
-    result = {"model": args.model, "trials_budget": args.trials, "device": device.name, "target": device.target,
-              "date": started.isoformat(timespec="seconds"), "machine": machine_info(device.target),
-              "shared_machine": True, "note": args.note, "cache": str(cache_dir),
-              "command": " ".join([Path(sys.executable).name, *sys.argv])}
-    out_path = Path(args.out or ROOT / "bench" / "results" /
-                    f"{args.model.split(':')[-1].split('/')[-1].split('.')[0]}-{args.trials}.json")
+    started = dt.datetime.now(dt.UTC)
+    result = {
+        "model": args.model,
+        "trials_budget": args.trials,
+        "device": device.name,
+        "target": device.target,
+        "date": started.isoformat(timespec="seconds"),
+        "machine": machine_info(device.target),
+        "shared_machine": True,
+        "note": args.note,
+        "cache": str(cache_dir),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    out_path = Path(
+        args.out
+        or ROOT / "bench" / "results" / f"{args.model.split(':')[-1].split('/')[-1].split('.')[0]}-{args.trials}.json"
+    )
     log_dir = cache_dir / "logs"
 
     t0 = time.monotonic()
@@ -305,15 +362,19 @@ def main(argv=None) -> dict:
     try:
         tracker = (workers.host, workers.tracker_port)
         t0 = time.monotonic()
-        results = [pipeline.tune_one(task, DeviceAddress(device, tracker, 2), f"[{i + 1}/{len(plan)}]").to_json()
-                   for i, task in enumerate(plan)]
+        results = [
+            pipeline.tune_one(task, DeviceAddress(device, tracker, 2), f"[{i + 1}/{len(plan)}]").to_json()
+            for i, task in enumerate(plan)
+        ]
         result["tuning_seconds"] = round(time.monotonic() - t0, 1)
         result["trials_run"] = sum(r["trials_run"] for r in results)
         # a re-run on the same --cache reuses the tuning: keep the searches' own times, and say so
         result["tuning_cache_hits"] = sum(1 for r in results if r.get("cached"))
         result["tuning_seconds_of_searches"] = round(sum(r.get("seconds") or 0 for r in results), 1)
-        result["tuning"] = [{k: r.get(k) for k in ("name", "trials_planned", "trials_run", "valid", "best_ms",
-                                                   "seconds", "error")} for r in results]
+        result["tuning"] = [
+            {k: r.get(k) for k in ("name", "trials_planned", "trials_run", "valid", "best_ms", "seconds", "error")}
+            for r in results
+        ]
         t0 = time.monotonic()
         db_dir, records = pipeline.pick_best([r["db_dir"] for r in results], cache_dir / "merged-db", device)
         lib = pipeline.build(prepared, device, db_dir, records).library
@@ -333,10 +394,14 @@ def main(argv=None) -> dict:
         if args.untuned_repeat > 0:
             t0 = time.monotonic()
             untuned_lib = pipeline.build(prepared, device, None).library
-            urun = run_on_device(untuned_lib, tracker, device.rpc_key, [sample0], names, kind,
-                                 repeat=args.untuned_repeat)
-            untuned = {**stats(urun.latencies_ms), "threads": target_cores,
-                       "build_and_run_seconds": round(time.monotonic() - t0, 1)}
+            urun = run_on_device(
+                untuned_lib, tracker, device.rpc_key, [sample0], names, kind, repeat=args.untuned_repeat
+            )
+            untuned = {
+                **stats(urun.latencies_ms),
+                "threads": target_cores,
+                "build_and_run_seconds": round(time.monotonic() - t0, 1),
+            }
             untuned_outputs = urun.outputs
             say(f"TVM untuned: {untuned}")
     finally:
@@ -347,8 +412,9 @@ def main(argv=None) -> dict:
             continue
         extra = start_workers(device.rpc_key, 1, n, log_dir)
         try:
-            run = run_on_device(lib, (extra.host, extra.tracker_port), device.rpc_key, [sample0], names, kind,
-                                repeat=args.repeat)
+            run = run_on_device(
+                lib, (extra.host, extra.tracker_port), device.rpc_key, [sample0], names, kind, repeat=args.repeat
+            )
             tvm_tuned[str(n)] = stats(run.latencies_ms)
             say(f"TVM tuned ({n} threads): {tvm_tuned[str(n)]}")
         finally:
@@ -364,18 +430,24 @@ def main(argv=None) -> dict:
             result["agreement"]["untuned"] = compare(untuned_outputs, reference_outputs[:1]).to_json()
         result["torch"] = time_torch(module, sample0, names, threads, args.repeat)
         say(f"torch: {result['torch']}")
-    onnx_path = source.path if source.framework == "onnx" else export_onnx_for_baseline(
-        source.path, cache_dir / "baseline.onnx")
+    onnx_path = (
+        source.path
+        if source.framework == "onnx"
+        else export_onnx_for_baseline(source.path, cache_dir / "baseline.onnx")
+    )
     result["onnxruntime"] = time_onnxruntime(onnx_path, sample0, threads, args.repeat)
     say(f"onnxruntime: {result['onnxruntime']}")
 
     try:  # where the time goes: per-task kernel time of the tuned build, in this process
         profile = profile_kernels(lib, sample0, names)
-        result["breakdown"] = {"threads": max(threads), **breakdown(profile, kernel_to_task(prepared, plan), plan, results)}
+        result["breakdown"] = {
+            "threads": max(threads),
+            **breakdown(profile, kernel_to_task(prepared, plan), plan, results),
+        }
     except Exception as err:  # noqa: BLE001 - a profiler problem must not lose the timings
         result["breakdown"] = {"error": f"{err.__class__.__name__}: {str(err).splitlines()[0][:300]}"}
 
-    result["wall_seconds"] = round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1)
+    result["wall_seconds"] = round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1)
     result["tvm_version"] = tvm.__version__
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1, default=str) + "\n")

@@ -14,6 +14,7 @@ Rows: cpu_vs_ort.json {"model","precision","threads","trials","tvmflow_ms","ort_
 scaleout.json {"servers","trials","tune_s"}, everything else in cpu_details.json. Usage (see bench/README.md):
   .venv/bin/python bench/cpu_vs_ort.py --models resnet18 --budgets 0 32 --vendors dnnl cblas --out /tmp/cpu
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,11 @@ import tvm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-FACTORIES = {"resnet18": "tasks.importers.bundled:resnet18",
-             "efficientnet_lite0": "tasks.importers.bundled:efficientnet_lite0",
-             "mnist_cnn": "tasks.importers.bundled:mnist_cnn"}
+FACTORIES = {
+    "resnet18": "tasks.importers.bundled:resnet18",
+    "efficientnet_lite0": "tasks.importers.bundled:efficientnet_lite0",
+    "mnist_cnn": "tasks.importers.bundled:mnist_cnn",
+}
 
 
 def say(*args):
@@ -60,8 +63,9 @@ def export_onnx(model, x: np.ndarray, out: Path) -> Path:
     """ONNX by torch's TorchScript exporter (needs no onnxscript; the dynamo one does)."""
     import torch
 
-    torch.onnx.export(model, (torch.from_numpy(x),), str(out), input_names=["x"], output_names=["y"],
-                      opset_version=17, dynamo=False)
+    torch.onnx.export(
+        model, (torch.from_numpy(x),), str(out), input_names=["x"], output_names=["y"], opset_version=17, dynamo=False
+    )
     return out
 
 
@@ -108,13 +112,12 @@ def run_model(name: str, args, device, workers, details: dict, rows: list, flush
 
     from tasks.build.candidates import choices_table
     from tasks.build.cpu_vendor import offload, profile_calls, vendor_choices, winners_of
-    from tasks.tuning.extract import convert_layout
     from tasks.importers.datasets import Dataset
     from tasks.importers.model_import import export_factory, import_pt2
     from tasks.precision.calibrate import calibrate
     from tasks.precision.qdq import quantize_static_qdq
     from tasks.precision.quantize import QuantConfig, quantize_model, weights_need_7_bits
-    from tasks.tuning.extract import extract_tasks, fold_batchnorm, prepare_for_tuning
+    from tasks.tuning.extract import convert_layout, extract_tasks, fold_batchnorm, prepare_for_tuning
     from tasks.tuning.joint import tune_jointly
 
     work = Path(tempfile.mkdtemp(prefix=f"cpu-{name}-"))
@@ -137,7 +140,7 @@ def run_model(name: str, args, device, workers, details: dict, rows: list, flush
     for prec, path in (("fp32", onnx32), ("int8", onnx8)):
         for t in thread_set:
             sess = ort_session(path, t)
-            ort[(prec, t)] = median_ms(lambda: sess.run(None, {"x": x}), args.repeat)
+            ort[(prec, t)] = median_ms(lambda: sess.run(None, {"x": x}), args.repeat)  # noqa: B023
             if prec == "fp32":
                 d["ort_fp32_err"] = float(np.abs(sess.run(None, {"x": x})[0] - ref).max())
     say(name, "ort", {f"{p} {t}T": round(v, 3) for (p, t), v in ort.items()})
@@ -151,8 +154,12 @@ def run_model(name: str, args, device, workers, details: dict, rows: list, flush
         prepared, ex = build(mod, device, **prep)
         ms_ = tvm_ms(ex, x, args.repeat)
         err = float(np.abs(tvm_out(ex, x) - ref).max())
-        d["variants"][label] = {"ms": ms_, "max_abs_err": err, "build_s": round(time.time() - t0, 1),
-                                "tasks": len(extract_tasks(prepared, device.tvm_target()))}
+        d["variants"][label] = {
+            "ms": ms_,
+            "max_abs_err": err,
+            "build_s": round(time.time() - t0, 1),
+            "tasks": len(extract_tasks(prepared, device.tvm_target())),
+        }
         say(name, label, d["variants"][label])
         flush()  # a call cut short by its time limit still brings back every variant measured
         return prepared, ex, ms_
@@ -179,8 +186,9 @@ def run_model(name: str, args, device, workers, details: dict, rows: list, flush
         vcalls = profile_calls(vex, x)
         choices = vendor_choices(default_calls, vcalls, vendor, layers)
         winners = winners_of(choices, vendor)
-        _, pex, pms = variant(f"{best_layout} + {vendor} pick-best, 0 trials", layout=best_layout, vendor=vendor,
-                              vendor_only=winners)
+        _, pex, pms = variant(
+            f"{best_layout} + {vendor} pick-best, 0 trials", layout=best_layout, vendor=vendor, vendor_only=winners
+        )
         d["choices"][f"0 trials, {vendor}"] = [c.to_json() for c in choices]
         d.setdefault("choices_md", {})[f"0 trials, {vendor}"] = choices_table(choices)
         if vendor_best is None or pms < vendor_best[0]:
@@ -194,9 +202,18 @@ def run_model(name: str, args, device, workers, details: dict, rows: list, flush
         tasks = extract_tasks(prepared, device.tvm_target())
         db = work / f"fp32-{budget}"
         t0 = time.time()
-        results = tune_jointly(tasks, device, (workers.host, workers.tracker_port), args.servers, db,
-                               cost_model_dir=work / "cost_model", trials=budget, time_budget_s=args.time_budget,
-                               log=say, use_slots=False)
+        results = tune_jointly(
+            tasks,
+            device,
+            (workers.host, workers.tracker_port),
+            args.servers,
+            db,
+            cost_model_dir=work / "cost_model",
+            trials=budget,
+            time_budget_s=args.time_budget,
+            log=say,
+            use_slots=False,
+        )
         tune_s[budget] = round(time.time() - t0, 1)
         from tasks.build.compile import compile_module
         from tasks.tuning.joint import last_summary
@@ -204,10 +221,12 @@ def run_model(name: str, args, device, workers, details: dict, rows: list, flush
         tex = compile_module(prepared, device, db)
         tcalls = profile_calls(tex, x)
         tuned_names = {r.name for r in results if r.valid}
-        d["tuning"][str(budget)] = {"summary": {k: v for k, v in (last_summary(db) or {}).items() if k != "results"},
-                                    "curves": {r.name: r.curve for r in results if r.curve},
-                                    "tuned_ms": tvm_ms(tex, x, args.repeat),
-                                    "tuned_err": float(np.abs(tvm_out(tex, x) - ref).max())}
+        d["tuning"][str(budget)] = {
+            "summary": {k: v for k, v in (last_summary(db) or {}).items() if k != "results"},
+            "curves": {r.name: r.curve for r in results if r.curve},
+            "tuned_ms": tvm_ms(tex, x, args.repeat),
+            "tuned_err": float(np.abs(tvm_out(tex, x) - ref).max()),
+        }
         say(name, f"tuned {budget}", d["tuning"][str(budget)]["tuned_ms"], "in", tune_s[budget], "s")
         best = (d["tuning"][str(budget)]["tuned_ms"], tex)
         if vendor_best is not None:
@@ -236,9 +255,18 @@ def run_model(name: str, args, device, workers, details: dict, rows: list, flush
         t0 = time.time()
         if budget > 0:
             db = work / f"int8-{budget}"
-            tune_jointly(extract_tasks(prepared, target), device, (workers.host, workers.tracker_port), args.servers,
-                         db, cost_model_dir=work / "cost_model_int8", trials=budget,
-                         time_budget_s=args.time_budget, log=say, use_slots=False)
+            tune_jointly(
+                extract_tasks(prepared, target),
+                device,
+                (workers.host, workers.tracker_port),
+                args.servers,
+                db,
+                cost_model_dir=work / "cost_model_int8",
+                trials=budget,
+                time_budget_s=args.time_budget,
+                log=say,
+                use_slots=False,
+            )
         from tasks.build.compile import compile_module
 
         qex = compile_module(prepared, device, db)
@@ -252,14 +280,34 @@ def run_model(name: str, args, device, workers, details: dict, rows: list, flush
     for t in thread_set:
         set_threads(t)
         for budget, (_, ex) in picks.items():
-            rows.append({"model": name, "precision": "fp32", "threads": t, "trials": budget,
-                         "tvmflow_ms": round(tvm_ms(ex, x, args.repeat), 4), "ort_ms": round(ort[("fp32", t)], 4),
-                         "tune_s": tune_s[budget], "cpu": cpu, "cores": os.cpu_count()})
+            rows.append(
+                {
+                    "model": name,
+                    "precision": "fp32",
+                    "threads": t,
+                    "trials": budget,
+                    "tvmflow_ms": round(tvm_ms(ex, x, args.repeat), 4),
+                    "ort_ms": round(ort[("fp32", t)], 4),
+                    "tune_s": tune_s[budget],
+                    "cpu": cpu,
+                    "cores": os.cpu_count(),
+                }
+            )
         for budget, (_, qex, ts) in int8.items():
-            rows.append({"model": name, "precision": "int8", "threads": t, "trials": budget,
-                         "tvmflow_ms": round(tvm_ms(qex, x, args.repeat), 4), "ort_ms": round(ort[("int8", t)], 4),
-                         "tune_s": ts, "cpu": cpu, "cores": os.cpu_count()})
-        say(name, "rows", rows[-len(picks) - len(int8):])
+            rows.append(
+                {
+                    "model": name,
+                    "precision": "int8",
+                    "threads": t,
+                    "trials": budget,
+                    "tvmflow_ms": round(tvm_ms(qex, x, args.repeat), 4),
+                    "ort_ms": round(ort[("int8", t)], 4),
+                    "tune_s": ts,
+                    "cpu": cpu,
+                    "cores": os.cpu_count(),
+                }
+            )
+        say(name, "rows", rows[-len(picks) - len(int8) :])
     set_threads(cores)
 
 
@@ -275,13 +323,22 @@ def scaleout(args, device, details: dict, flush) -> list:
     tasks = extract_tasks(prepare_for_tuning(mod, device.tvm_target()), device.tvm_target())
     rows = []
     for n in args.scaleout:
-        workers = start_local_workers(f"scale{n}", n, work / f"logs{n}",
-                                      threads=max(1, device.target["num-cores"] // n))
+        workers = start_local_workers(
+            f"scale{n}", n, work / f"logs{n}", threads=max(1, device.target["num-cores"] // n)
+        )
         try:
             t0 = time.time()
-            results = tune_jointly(tasks, device, (workers.host, workers.tracker_port), n, work / f"db{n}",
-                                   trials=args.scaleout_trials, log=say, use_slots=False,
-                                   time_budget_s=args.scaleout_time_budget)
+            results = tune_jointly(
+                tasks,
+                device,
+                (workers.host, workers.tracker_port),
+                n,
+                work / f"db{n}",
+                trials=args.scaleout_trials,
+                log=say,
+                use_slots=False,
+                time_budget_s=args.scaleout_time_budget,
+            )
             spent = round(time.time() - t0, 1)
         finally:
             workers.stop()
@@ -323,9 +380,16 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     target = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": args.cores}
     device = DeviceProfile("bench-cpu", target, "benchcpu")
-    details = {"env": {"cpu": target["mcpu"], "cores": os.cpu_count(), "load_avg_at_start": os.getloadavg(),
-                       "tvm": tvm.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                       "args": vars(args)}}
+    details = {
+        "env": {
+            "cpu": target["mcpu"],
+            "cores": os.cpu_count(),
+            "load_avg_at_start": os.getloadavg(),
+            "tvm": tvm.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "args": vars(args),
+        }
+    }
     rows: list = []
     details_path = out / f"cpu_details{args.tag}.json"
 
@@ -338,8 +402,9 @@ def main(argv=None) -> int:
 
     workers = None
     if any(b > 0 for b in args.budgets):
-        workers = start_local_workers(device.rpc_key, args.servers, Path(tempfile.mkdtemp()) / "logs",
-                                      threads=max(1, args.cores // args.servers))
+        workers = start_local_workers(
+            device.rpc_key, args.servers, Path(tempfile.mkdtemp()) / "logs", threads=max(1, args.cores // args.servers)
+        )
     try:
         for name in args.models:
             try:

@@ -15,6 +15,7 @@ format the CPU flow publishes, plus tune_state.json with the trials per workload
 beats DLight's default for its kernel (tasks.build.gpu.keep_winners), then times every path in one
 process on the same input.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,17 +30,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import tvm  # noqa: E402
 import tvm.s_tir.tensor_intrin  # noqa: E402,F401 - before torch.export fills sys.modules (12 s vs 100 s)
-import numpy as np  # noqa: E402
 
 from tasks.build import gpu  # noqa: E402
-from tasks.tuning.extract import allocate_trials, extract_tasks  # noqa: E402
-from tasks.importers.model_import import InputSpec, export_factory, import_pt2  # noqa: E402
-from tasks.tuning.pick_best import DB_FILES, has_db, open_db  # noqa: E402
 from tasks.devices.validate import compare  # noqa: E402
+from tasks.importers.model_import import InputSpec, export_factory, import_pt2  # noqa: E402
+from tasks.tuning.extract import allocate_trials, extract_tasks  # noqa: E402
+from tasks.tuning.pick_best import DB_FILES, has_db, open_db  # noqa: E402
 
-MODELS = {"resnet18": "tasks.importers.bundled:resnet18", "efficientnet_lite0": "tasks.importers.bundled:efficientnet_lite0"}
+MODELS = {
+    "resnet18": "tasks.importers.bundled:resnet18",
+    "efficientnet_lite0": "tasks.importers.bundled:efficientnet_lite0",
+}
 T0 = time.monotonic()
 
 
@@ -68,6 +72,7 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------- inputs and models
+
 
 def photo_batch(batch: int) -> np.ndarray:
     """The bundled photos and their flips: `batch` real images, the same for every path."""
@@ -99,6 +104,7 @@ def prepared(name: str, batch: int, precision: str, target, cache: Path):
 
 
 # ---------------------------------------------------------------- tuning
+
 
 def seed(db: Path, seed_db: Path) -> None:
     if has_db(db) or not has_db(seed_db):
@@ -169,13 +175,21 @@ def records_apply(name: str, batch: int, task, target, cache: Path) -> bool:
 
     mod = tvm.ir.load_json(task.mod_json)
     db = ms.database.MemoryDatabase()
-    db.commit_tuning_record(ms.database.TuningRecord(
-        tvm.s_tir.Schedule(mod).trace, db.commit_workload(mod), [1e-6], target,
-        ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+    db.commit_tuning_record(
+        ms.database.TuningRecord(
+            tvm.s_tir.Schedule(mod).trace,
+            db.commit_workload(mod),
+            [1e-6],
+            target,
+            ms.arg_info.ArgInfo.from_prim_func(mod["main"]),
+        )
+    )
     with target, db:
         applied = relax.transform.MetaScheduleApplyDatabase()(prepared(name, batch, "fp16", target, cache))
-    return any(isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "tirx.is_scheduled" in f.attrs
-               for _, f in applied.functions_items())
+    return any(
+        isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "tirx.is_scheduled" in f.attrs
+        for _, f in applied.functions_items()
+    )
 
 
 def run_tune(args, target, cache: Path, out: Path) -> list:
@@ -195,7 +209,9 @@ def run_tune(args, target, cache: Path, out: Path) -> list:
             import traceback
 
             traceback.print_exc()
-            got = [{"task": task.name, "error": str(err).strip().splitlines()[-1][:300] if str(err).strip() else repr(err)}]
+            got = [
+                {"task": task.name, "error": str(err).strip().splitlines()[-1][:300] if str(err).strip() else repr(err)}
+            ]
         done.extend(got)
         save_db(db, out)
         if not got and time.monotonic() > deadline - 120:
@@ -204,6 +220,7 @@ def run_tune(args, target, cache: Path, out: Path) -> list:
 
 
 # ---------------------------------------------------------------- measuring
+
 
 def tvm_run(executable, dev, x: np.ndarray, repeat: int):
     from tvm import relax
@@ -238,8 +255,12 @@ def torch_time(fn, x, repeat: int) -> float:
 
 def accuracy(got: np.ndarray, want: np.ndarray) -> dict:
     v = compare([[got]], [[want]], precision="fp16")
-    return {"max_rel_err": v.max_rel_err, "max_abs_err": v.max_abs_err, "top1_agreement": v.top1_agreement,
-            "passed": v.passed}
+    return {
+        "max_rel_err": v.max_rel_err,
+        "max_abs_err": v.max_abs_err,
+        "top1_agreement": v.top1_agreement,
+        "passed": v.passed,
+    }
 
 
 def run_measure(args, target, cache: Path, out: Path, dump) -> dict:
@@ -262,8 +283,11 @@ def run_measure(args, target, cache: Path, out: Path, dump) -> dict:
             res = {"model": name, "batch": batch}
             outs = {}
             for label, precision, database, graph in (
-                    ("tvm_fp32", "fp32", None, False), ("tvm_fp16_untuned", "fp16", None, False),
-                    ("tvm_fp16_tuned", "fp16", tuned_db, False), ("tvm_fp16_tuned_graph", "fp16", tuned_db, True)):
+                ("tvm_fp32", "fp32", None, False),
+                ("tvm_fp16_untuned", "fp16", None, False),
+                ("tvm_fp16_tuned", "fp16", tuned_db, False),
+                ("tvm_fp16_tuned_graph", "fp16", tuned_db, True),
+            ):
                 if (database is None and "_tuned" in label) or (graph and not args.cuda_graph):
                     continue
                 started = time.monotonic()
@@ -294,8 +318,10 @@ def run_measure(args, target, cache: Path, out: Path, dump) -> dict:
                     res["torch_compile_fp16_error"] = str(err).strip().splitlines()[-1][:300]
                 res["torch_compile_seconds"] = round(time.monotonic() - started, 1)
                 module.float()
-            log(f"{name} b{batch} torch eager fp16 {res['torch_eager_fp16']:.3f} ms, torch.compile fp16 "
-                f"{res['torch_compile_fp16']} ms")
+            log(
+                f"{name} b{batch} torch eager fp16 {res['torch_eager_fp16']:.3f} ms, torch.compile fp16 "
+                f"{res['torch_compile_fp16']} ms"
+            )
             rows.append(res)
             dump(rows=rows, accuracy=acc, keep_decisions=decisions)
             entry = {"model": name, "batch": batch, "torch_fp16_vs_torch_fp32": accuracy(ref16, ref32)}
@@ -321,11 +347,18 @@ def main(argv=None) -> int:
 
     arch = args.arch or "sm_{}{}".format(*torch.cuda.get_device_capability())
     target = tvm.target.Target(gpu.cuda_target(arch))
-    result = {"device": torch.cuda.get_device_name(), "arch": arch, "tvm": tvm.__version__,
-              "torch": torch.__version__, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "phase": args.phase, "models": args.models, "batches": args.batches}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "arch": arch,
+        "tvm": tvm.__version__,
+        "torch": torch.__version__,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "phase": args.phase,
+        "models": args.models,
+        "batches": args.batches,
+    }
     log(f"{result['device']} {arch}, tvm {tvm.__version__}, torch {torch.__version__}")
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     path = out / f"gpu_{args.phase}_{stamp}.json"
 
     def dump(**parts):  # after every step: a run cut off at the call's limit still leaves its figures

@@ -1,6 +1,7 @@
 """The issue-13 benchmark's models in plain torch (torchvision's layouts; no torchvision needed):
 ResNet-50 and MobileNetV2 with fixed random weights. ResNet-18 and EfficientNet-Lite0 (real
 ImageNet weights) come from tasks.importers.bundled."""
+
 from __future__ import annotations
 
 import torch
@@ -12,9 +13,15 @@ class Bottleneck(nn.Module):
         super().__init__()
         cout = width * 4
         self.body = nn.Sequential(
-            nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout))
+            nn.Conv2d(cin, width, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
         self.down = None
         if stride != 1 or cin != cout:
             self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
@@ -26,8 +33,9 @@ class Bottleneck(nn.Module):
 class ResNet50(nn.Module):
     def __init__(self, num_classes: int = 1000):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-                                  nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        )
         layers, cin = [], 64
         for i, count in enumerate((3, 4, 6, 3)):
             width = 64 * 2**i
@@ -60,8 +68,15 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
-                (6, 320, 1, 1))
+    SETTINGS = (
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    )
 
     def __init__(self, num_classes: int = 1000):
         super().__init__()
@@ -103,6 +118,10 @@ def model(name: str):
     """(nn.Module in eval mode, example inputs) by benchmark name."""
     from tasks.importers import bundled
 
-    factories = {"resnet18": bundled.resnet18, "resnet50": resnet50, "mobilenet_v2": mobilenet_v2,
-                 "efficientnet_lite0": bundled.efficientnet_lite0}
+    factories = {
+        "resnet18": bundled.resnet18,
+        "resnet50": resnet50,
+        "mobilenet_v2": mobilenet_v2,
+        "efficientnet_lite0": bundled.efficientnet_lite0,
+    }
     return factories[name]()

@@ -1,7 +1,8 @@
 """Per-kernel time of a TVM GPU build (Relax VM profiler): where the milliseconds go.
 
-    python3 bench/gpu_profile.py --model resnet18 --batch 16 --db /root/out/kept_db
+python3 bench/gpu_profile.py --model resnet18 --batch 16 --db /root/out/kept_db
 """
+
 from __future__ import annotations
 
 import argparse
@@ -9,10 +10,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import bench.gpu_bench as gb  # noqa: E402 - imports tvm and the tensor intrinsics first
-
 import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
+
+import bench.gpu_bench as gb  # noqa: E402 - imports tvm and the tensor intrinsics first
 
 
 def main():
@@ -35,7 +36,6 @@ def main():
     for _ in range(5):
         vm.invoke_stateful("main")
     dev.sync()
-    import torch  # its profiler (CUPTI) sees every CUDA kernel in the process, TVM's too
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -43,6 +43,7 @@ def main():
             vm.invoke_stateful("main")
         dev.sync()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.top, max_name_column_width=70))
+
 
 if __name__ == "__main__":
     main()

@@ -13,6 +13,7 @@ Phases (one device call runs them in this order, see bench/gpu_vs_torch.sh):
     --phase report      (here, no GPU) merge the phases' JSON into bench/results/gpu_vs_torch.json,
                         gpu_vs_torch_detail.json and the README table
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,12 @@ def parse_args(argv=None):
 
 def cells(args):
     """(model, batch, precision), most important first: fp16 before fp32, then batch, then model."""
-    return [(m, b, p) for p in args.precisions.split(",") for b in map(int, args.batches.split(","))
-            for m in args.models.split(",")]
+    return [
+        (m, b, p)
+        for p in args.precisions.split(",")
+        for b in map(int, args.batches.split(","))
+        for m in args.models.split(",")
+    ]
 
 
 def input_batch(batch: int):
@@ -69,7 +74,6 @@ def input_batch(batch: int):
 
 
 def torch_model(name: str, precision: str):
-    import torch
 
     from gpu_models import model
 
@@ -143,8 +147,10 @@ def run_torch(args, warm_only: bool) -> dict:
                     row[f"{mode}_ms"] = torch_time(compiled, x, args.repeat)
             except Exception as err:  # noqa: BLE001 - one failed mode must not sink the table
                 row[f"{mode}_error"] = str(err).strip().splitlines()[-1][:300] if str(err).strip() else repr(err)
-            log(f"torch {name} b{batch} {precision} {mode}: {row.get(f'{mode}_ms')} ms "
-                f"(compile {row.get(f'compile_{mode}_s')} s)")
+            log(
+                f"torch {name} b{batch} {precision} {mode}: {row.get(f'{mode}_ms')} ms "
+                f"(compile {row.get(f'compile_{mode}_s')} s)"
+            )
         rows.append(row)
         if not warm_only:
             (out / "gvt_torch.json").write_text(json.dumps(_meta() | {"rows": rows}, indent=1))
@@ -156,8 +162,11 @@ def run_torch(args, warm_only: bool) -> dict:
 def _meta() -> dict:
     import torch
 
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
 
 
 # ---------------------------------------------------------------- tvm
@@ -167,9 +176,9 @@ def relax_of(name: str, batch: int, precision: str):
     """The model in Relax at this batch: batch norm folded into the convs, then fp16 if asked."""
     import torch
     import tvm
+    from gpu_models import model
     from tvm import relax
 
-    from gpu_models import model
     from tasks.build import gpu
     from tasks.importers.model_import import relax_from_program
 
@@ -206,8 +215,11 @@ def errors(got, want) -> dict:
 
     got, want = np.asarray(got, dtype="float64"), np.asarray(want, dtype="float64")
     scale = max(float(np.abs(want).max()), 1e-6)
-    return {"max_abs_err": float(np.abs(got - want).max()), "max_rel_err": float(np.abs(got - want).max() / scale),
-            "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).mean())}
+    return {
+        "max_abs_err": float(np.abs(got - want).max()),
+        "max_rel_err": float(np.abs(got - want).max() / scale),
+        "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).mean()),
+    }
 
 
 def wait_for_warm(args, limit: float) -> None:
@@ -221,9 +233,9 @@ def wait_for_warm(args, limit: float) -> None:
 
 def run_tvm(args) -> dict:
     import numpy as np
+    import torch
     import tvm
     import tvm.s_tir.tensor_intrin  # noqa: F401 - before torch.export fills sys.modules (12 s vs 100 s)
-    import torch
     from tvm import relax
 
     from tasks.build import cuda_vendor, gpu
@@ -242,8 +254,11 @@ def run_tvm(args) -> dict:
     try:
         lib = cuda_vendor.build_contrib(work / "contrib", log=log)
         vendors = cuda_vendor.load_contrib(lib)
-        result["contrib"] = {"built_here": True, "seconds": round(time.monotonic() - started, 1),
-                             "manifest": json.loads((work / "contrib" / cuda_vendor.MANIFEST_NAME).read_text())}
+        result["contrib"] = {
+            "built_here": True,
+            "seconds": round(time.monotonic() - started, 1),
+            "manifest": json.loads((work / "contrib" / cuda_vendor.MANIFEST_NAME).read_text()),
+        }
         (out / cuda_vendor.LIBRARY_NAME).write_bytes(lib.read_bytes())
     except Exception as err:  # noqa: BLE001 - fall back to a carried build, else TVM kernels only
         result["contrib_error"] = str(err)[-2000:]
@@ -326,13 +341,17 @@ def run_tvm(args) -> dict:
                 row[f"{kind}_vs_torch_eager"] = errors(got, ref)
             except Exception as err:  # noqa: BLE001
                 row[f"{kind}_error"] = str(err).strip().splitlines()[-1][:300] if str(err).strip() else repr(err)
-            log(f"{name} b{batch} {precision} {kind}: {row.get(f'{kind}_ms')} ms "
-                f"{row.get(f'{kind}_vs_torch_eager', row.get(f'{kind}_error'))}")
+            log(
+                f"{name} b{batch} {precision} {kind}: {row.get(f'{kind}_ms')} ms "
+                f"{row.get(f'{kind}_vs_torch_eager', row.get(f'{kind}_error'))}"
+            )
         row["compile_s"] = round(timings[cell]["prepare_s"] + pick_s * share[cell] + row.get("tvmflow_build_s", 0), 1)
         mine = [choices[k] for k in specs[cell] if k in choices]
-        result["choices"][f"{name}_b{batch}_{precision}"] = {"summary": choices_summary(mine),
-                                                             "operators": [c.to_json() for c in mine],
-                                                             "table": choices_table(mine)}
+        result["choices"][f"{name}_b{batch}_{precision}"] = {
+            "summary": choices_summary(mine),
+            "operators": [c.to_json() for c in mine],
+            "table": choices_table(mine),
+        }
         result["rows"].append(row)
         dump()
     result["pick_s"] = round(pick_s, 1)
@@ -352,23 +371,51 @@ def report(args) -> None:
     by_cell = {(r["model"], r["batch"], r["precision"]): dict(r) for r in tvm_part.get("rows", [])}
     for r in torch_part.get("rows", []):
         by_cell.setdefault((r["model"], r["batch"], r["precision"]), {}).update(
-            {("torch_" + k if k not in ("model", "batch", "precision") else k): v for k, v in r.items()})
+            {("torch_" + k if k not in ("model", "batch", "precision") else k): v for k, v in r.items()}
+        )
     gpu_name = tvm_part.get("gpu") or torch_part.get("gpu")
     rows, detail = [], []
-    for (model, batch, precision), r in sorted(by_cell.items(), key=lambda kv: (kv[0][2], kv[0][1], MODELS.index(kv[0][0]))):
+    for (model, batch, precision), r in sorted(
+        by_cell.items(), key=lambda kv: (kv[0][2], kv[0][1], MODELS.index(kv[0][0]))
+    ):
         compiled = {m: r.get(f"torch_{m}_ms") for m in ("default", "reduce-overhead", "max-autotune")}
         compiled = {m: v for m, v in compiled.items() if v is not None}
         best_mode = min(compiled, key=compiled.get) if compiled else None
-        rows.append({"model": model, "batch": batch, "precision": precision,
-                     "tvmflow_ms": _round(r.get("tvmflow_ms")), "best_torch_ms": _round(compiled.get(best_mode)),
-                     "best_torch_mode": best_mode, "compile_s": r.get("compile_s"), "gpu": gpu_name})
-        detail.append({"model": model, "batch": batch, "precision": precision, **r,
-                       "ratio": (r["tvmflow_ms"] / compiled[best_mode]) if r.get("tvmflow_ms") and best_mode else None})
+        rows.append(
+            {
+                "model": model,
+                "batch": batch,
+                "precision": precision,
+                "tvmflow_ms": _round(r.get("tvmflow_ms")),
+                "best_torch_ms": _round(compiled.get(best_mode)),
+                "best_torch_mode": best_mode,
+                "compile_s": r.get("compile_s"),
+                "gpu": gpu_name,
+            }
+        )
+        detail.append(
+            {
+                "model": model,
+                "batch": batch,
+                "precision": precision,
+                **r,
+                "ratio": (r["tvmflow_ms"] / compiled[best_mode]) if r.get("tvmflow_ms") and best_mode else None,
+            }
+        )
     results = ROOT / "bench" / "results"
     (results / "gpu_vs_torch.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (results / "gpu_vs_torch_detail.json").write_text(json.dumps(
-        {"meta": {k: v for k, v in tvm_part.items() if k not in ("rows", "choices")} | {"torch": torch_part.get("torch")},
-         "rows": detail, "choices": tvm_part.get("choices", {})}, indent=1) + "\n")
+    (results / "gpu_vs_torch_detail.json").write_text(
+        json.dumps(
+            {
+                "meta": {k: v for k, v in tvm_part.items() if k not in ("rows", "choices")}
+                | {"torch": torch_part.get("torch")},
+                "rows": detail,
+                "choices": tvm_part.get("choices", {}),
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(table(detail))
 
 
@@ -378,16 +425,20 @@ def _round(value, digits: int = 4):
 
 def table(detail: list) -> str:
     fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = ["| model | batch | prec | tvmflow | TVM DLight | torch eager | compile default | reduce-overhead | "
-             "max-autotune | tvmflow / best compile | max rel err vs eager | compile s |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | batch | prec | tvmflow | TVM DLight | torch eager | compile default | reduce-overhead | "
+        "max-autotune | tvmflow / best compile | max rel err vs eager | compile s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in detail:
         err = (r.get("tvmflow_vs_torch_eager") or {}).get("max_rel_err")
-        lines.append(f"| {r['model']} | {r['batch']} | {r['precision']} | {fmt(r.get('tvmflow_ms'))} | "
-                     f"{fmt(r.get('dlight_ms'))} | {fmt(r.get('torch_eager_ms'))} | {fmt(r.get('torch_default_ms'))} | "
-                     f"{fmt(r.get('torch_reduce-overhead_ms'))} | {fmt(r.get('torch_max-autotune_ms'))} | "
-                     f"{'–' if r.get('ratio') is None else format(r['ratio'], '.2f') + 'x'} | "
-                     f"{'–' if err is None else f'{err:.1e}'} | {r.get('compile_s', '–')} |")
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['precision']} | {fmt(r.get('tvmflow_ms'))} | "
+            f"{fmt(r.get('dlight_ms'))} | {fmt(r.get('torch_eager_ms'))} | {fmt(r.get('torch_default_ms'))} | "
+            f"{fmt(r.get('torch_reduce-overhead_ms'))} | {fmt(r.get('torch_max-autotune_ms'))} | "
+            f"{'–' if r.get('ratio') is None else format(r['ratio'], '.2f') + 'x'} | "
+            f"{'–' if err is None else f'{err:.1e}'} | {r.get('compile_s', '–')} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -1,8 +1,9 @@
 """Render bench/results/*.json as the markdown table in bench/README.md.
 
-    python bench/make_table.py            # print the table
-    python bench/make_table.py --readme   # replace the table between the markers in bench/README.md
+python bench/make_table.py            # print the table
+python bench/make_table.py --readme   # replace the table between the markers in bench/README.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,9 +13,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- bench-table:begin -->", "<!-- bench-table:end -->"
 
-HEADER = ("| model | trials run (budget) | tasks tuned/total | tuning time | TVM tuned 1T | TVM tuned 2T "
-          "| TVM untuned | onnxruntime 1T | onnxruntime 2T | torch 1T | torch 2T | max abs err (tuned vs torch) "
-          "| untuned-task share of tuned time | date, CPU |")
+HEADER = (
+    "| model | trials run (budget) | tasks tuned/total | tuning time | TVM tuned 1T | TVM tuned 2T "
+    "| TVM untuned | onnxruntime 1T | onnxruntime 2T | torch 1T | torch 2T | max abs err (tuned vs torch) "
+    "| untuned-task share of tuned time | date, CPU |"
+)
 
 
 def _ms(entry: dict | None, threads: str | None = None) -> str:
@@ -38,13 +41,15 @@ def row(r: dict) -> str:
         seconds = r.get("tuning_seconds_of_searches", seconds)
     minutes = seconds / 60
     machine = r.get("machine", {})
-    return (f"| {r['model'].split(':')[-1]} | {r.get('trials_run', 0)} ({r['trials_budget']}) "
-            f"| {tuned_tasks}/{r.get('tasks', '?')} | {minutes:.1f} min "
-            f"| {_ms(r.get('tvm_tuned'), '1')} | {_ms(r.get('tvm_tuned'), '2')} | {_ms(r.get('tvm_untuned'))} "
-            f"| {_ms(r.get('onnxruntime'), '1')} | {_ms(r.get('onnxruntime'), '2')} "
-            f"| {_ms(r.get('torch'), '1')} | {_ms(r.get('torch'), '2')} | {err} "
-            f"| {'—' if share is None else f'{100 * share:.0f} %'} "
-            f"| {r['date'][:10]}, {machine.get('cpu_model', '?')} ({machine.get('mcpu')}, {machine.get('cores')} cores) |")
+    return (
+        f"| {r['model'].split(':')[-1]} | {r.get('trials_run', 0)} ({r['trials_budget']}) "
+        f"| {tuned_tasks}/{r.get('tasks', '?')} | {minutes:.1f} min "
+        f"| {_ms(r.get('tvm_tuned'), '1')} | {_ms(r.get('tvm_tuned'), '2')} | {_ms(r.get('tvm_untuned'))} "
+        f"| {_ms(r.get('onnxruntime'), '1')} | {_ms(r.get('onnxruntime'), '2')} "
+        f"| {_ms(r.get('torch'), '1')} | {_ms(r.get('torch'), '2')} | {err} "
+        f"| {'—' if share is None else f'{100 * share:.0f} %'} "
+        f"| {r['date'][:10]}, {machine.get('cpu_model', '?')} ({machine.get('mcpu')}, {machine.get('cores')} cores) |"
+    )
 
 
 def render(results: list[dict]) -> str:

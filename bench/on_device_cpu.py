@@ -7,6 +7,7 @@ the shared 2-core VM). Install TVM there first (bench/gpu_device.sh, see ../shar
     bash bench/gpu_device.sh; PYTHONPATH=/root/site:$PWD TVM_NUM_THREADS=16 \
         python3 bench/on_device_cpu.py models --models resnet18 --trials 64
 Results: bench/results/precision_vnni_xeon.json."""
+
 import os
 import runpy
 import sys

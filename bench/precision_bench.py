@@ -11,6 +11,7 @@ Results: bench/results/precision.json (merged per part). Usage:
     .venv/bin/python bench/precision_bench.py mnist
     .venv/bin/python bench/precision_bench.py models --models resnet18 efficientnet_lite0 --trials 128
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,8 @@ def _import(factory: str):
 
 
 def mnist(cal: str, val: str, method: str) -> dict:
-    from tasks.precision.calibrate import calibrate
     from tasks.importers.datasets import load_dataset
+    from tasks.precision.calibrate import calibrate
     from tasks.precision.layers import host_runner
     from tasks.precision.quantize import QuantConfig, quantize_model
 
@@ -63,11 +64,13 @@ def mnist(cal: str, val: str, method: str) -> dict:
         qmod, plan = quantize_model(mod, ranges, QuantConfig(method=method, keep_float=keep))
         run = host_runner(qmod)
         pred = np.array([run(val_data.sample(i))[0].argmax() for i in range(len(val_data))])
-        out[label] = {"accuracy": float(np.mean(pred == val_data.labels)),
-                      "top1_agreement": float(np.mean(pred == ref)),
-                      "accuracy_drop_points": float(100 * (out["fp32_accuracy"] - np.mean(pred == val_data.labels))),
-                      "quantized": [q["name"] for q in plan.quantized],
-                      "kept_float": [k["name"] for k in plan.kept_float]}
+        out[label] = {
+            "accuracy": float(np.mean(pred == val_data.labels)),
+            "top1_agreement": float(np.mean(pred == ref)),
+            "accuracy_drop_points": float(100 * (out["fp32_accuracy"] - np.mean(pred == val_data.labels))),
+            "quantized": [q["name"] for q in plan.quantized],
+            "kept_float": [k["name"] for k in plan.kept_float],
+        }
         print(label, out[label], flush=True)
     print("fp32", out["fp32_accuracy"], flush=True)
     return out
@@ -81,9 +84,9 @@ def _tune_and_build(prepared, target, trials: int, work_dir: Path):
     from tvm.s_tir import meta_schedule as ms
 
     from tasks.build.compile import compile_module
+    from tasks.build.int8_isa import space_for
     from tasks.devices.profiles import DeviceProfile
     from tasks.tuning.extract import allocate_trials, extract_tasks
-    from tasks.build.int8_isa import space_for
     from tasks.tuning.pick_best import has_db, open_db
     from tasks.tuning.tune import lean_build
 
@@ -96,16 +99,34 @@ def _tune_and_build(prepared, target, trials: int, work_dir: Path):
         if t.trials <= 0:
             continue
         mod = tvm.ir.load_json(t.mod_json)
-        context = ms.TuneContext(mod=mod, target=target, space_generator=space_for(mod, target),
-                                 search_strategy="evolutionary", task_name=t.name, num_threads=2, rand_state=0)
-        ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=str(work_dir / t.name),
-                      max_trials_global=t.trials, num_trials_per_iter=min(16, t.trials), builder=builder,
-                      runner=runner, database=db, cost_model=ms.cost_model.XGBModel(num_tuning_cores=2))
+        context = ms.TuneContext(
+            mod=mod,
+            target=target,
+            space_generator=space_for(mod, target),
+            search_strategy="evolutionary",
+            task_name=t.name,
+            num_threads=2,
+            rand_state=0,
+        )
+        ms.tune_tasks(
+            tasks=[context],
+            task_weights=[1.0],
+            work_dir=str(work_dir / t.name),
+            max_trials_global=t.trials,
+            num_trials_per_iter=min(16, t.trials),
+            builder=builder,
+            runner=runner,
+            database=db,
+            cost_model=ms.cost_model.XGBModel(num_tuning_cores=2),
+        )
         print(f"  tuned {t.name}: {t.trials} trials, {time.time() - start:.0f} s", flush=True)
     tune_s = time.time() - start
     # the flow's build: the database, then the default CPU schedule for kernels without a record
-    device = DeviceProfile("bench", {"kind": "llvm", "mcpu": str(target.attrs["mcpu"]),
-                                     "num-cores": int(target.attrs["num-cores"])}, "bench")
+    device = DeviceProfile(
+        "bench",
+        {"kind": "llvm", "mcpu": str(target.attrs["mcpu"]), "num-cores": int(target.attrs["num-cores"])},
+        "bench",
+    )
     ex = compile_module(prepared, device, work_dir if has_db(work_dir) else None)
     return ex, tune_s, db
 
@@ -186,18 +207,23 @@ def model_bench(name: str, trials: int, method: str, work: str | None = None) ->
     round's median kept): the host is shared and its load moves within minutes."""
     import tvm
 
-    from tasks.precision.calibrate import calibrate
     from tasks.importers.datasets import load_dataset
-    from tasks.tuning.extract import prepare_for_tuning
+    from tasks.importers.reference import Reference, export_onnx_for_baseline
+    from tasks.precision.calibrate import calibrate
     from tasks.precision.qdq import quantize_static_qdq
     from tasks.precision.quantize import QuantConfig, quantize_model, weights_need_7_bits
-    from tasks.importers.reference import Reference, export_onnx_for_baseline
+    from tasks.tuning.extract import prepare_for_tuning
 
     mod, specs, pt2 = _import(f"tasks.importers.bundled:{name}")
     names = [s.name for s in specs]
     photos = load_dataset("bundled:imagenet-photos", specs)
-    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-                                "num-cores": int(os.environ.get("TVM_NUM_THREADS", "2"))})
+    target = tvm.target.Target(
+        {
+            "kind": "llvm",
+            "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+            "num-cores": int(os.environ.get("TVM_NUM_THREADS", "2")),
+        }
+    )
     reference = Reference(pt2, "torch", names)
     ref_top1 = [int(reference.run(photos.sample(i))[0].argmax()) for i in range(len(photos))]
     row = {"model": name, "trials_per_precision": trials, "photos": len(photos), "torch_top1": ref_top1}
@@ -211,8 +237,11 @@ def model_bench(name: str, trials: int, method: str, work: str | None = None) ->
     for label, path in (("ort_fp32", onnx_fp32), ("ort_int8_qdq", onnx_int8)):
         latency, outs = _ort_run(path, photos, names)
         top1 = [int(o.argmax()) for o in outs]
-        row[label] = {"latency_ms": latency, "top1": top1,
-                      "top1_agreement_vs_torch": float(np.mean(np.array(top1) == ref_top1))}
+        row[label] = {
+            "latency_ms": latency,
+            "top1": top1,
+            "top1_agreement_vs_torch": float(np.mean(np.array(top1) == ref_top1)),
+        }
         print(name, label, row[label], flush=True)
         _save(name, {**row, "partial": True})  # a long TVM tuning below may not finish on a busy host
     builds = {}
@@ -221,9 +250,12 @@ def model_bench(name: str, trials: int, method: str, work: str | None = None) ->
         ex, tune_s, db = _tune_and_build(prepared, target, trials, work / label)
         _, vm = _tvm_latency(ex, photos.sample(0), names, repeat=1)
         top1 = [int(o.argmax()) for o in _tvm_outputs(vm, photos, names)]
-        row[label] = {"tuning_seconds": round(tune_s, 1), "top1": top1,
-                      "top1_agreement_vs_torch": float(np.mean(np.array(top1) == ref_top1)),
-                      "isa": _isa(ex, prepared, db)}
+        row[label] = {
+            "tuning_seconds": round(tune_s, 1),
+            "top1": top1,
+            "top1_agreement_vs_torch": float(np.mean(np.array(top1) == ref_top1)),
+            "isa": _isa(ex, prepared, db),
+        }
         builds[label] = ex
         _save(name, {**row, "partial": True})
     for _ in range(3):
@@ -250,8 +282,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import tvm
 
-    env = {"cpu": tvm.target.codegen.llvm_get_system_cpu(), "threads": os.environ.get("TVM_NUM_THREADS", "2"),
-           "tvm": tvm.__version__, "load_avg_at_start": os.getloadavg()}
+    env = {
+        "cpu": tvm.target.codegen.llvm_get_system_cpu(),
+        "threads": os.environ.get("TVM_NUM_THREADS", "2"),
+        "tvm": tvm.__version__,
+        "load_avg_at_start": os.getloadavg(),
+    }
     if args.part == "mnist":
         _save("mnist", {**mnist(args.calibration, args.validation, args.method), "env": env})
     else:

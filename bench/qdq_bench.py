@@ -8,6 +8,7 @@
 
 Results: bench/results/qdq.json. Usage: .venv/bin/python bench/qdq_bench.py mnist resnet18
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,8 @@ def _qdq_model(factory: str, calibration: str, work: Path):
     """(fp32 ONNX, QDQ ONNX, input specs) of a bundled factory, quantized by onnxruntime."""
     from tasks.importers.datasets import load_dataset
     from tasks.importers.model_import import export_factory, import_pt2
-    from tasks.precision.qdq import quantize_static_qdq
     from tasks.importers.reference import export_onnx_for_baseline
+    from tasks.precision.qdq import quantize_static_qdq
 
     pt2 = export_factory(factory, work / "model.pt2")
     specs = import_pt2(pt2).inputs
@@ -40,8 +41,8 @@ def _compare(qdq: Path, specs, data_uri: str) -> dict:
     import onnxruntime as ort
 
     from tasks.importers.datasets import load_dataset
-    from tasks.precision.layers import host_runner
     from tasks.importers.model_import import import_onnx
+    from tasks.precision.layers import host_runner
     from tasks.precision.qdq import prequantized_info
 
     start = time.time()
@@ -51,8 +52,10 @@ def _compare(qdq: Path, specs, data_uri: str) -> dict:
     run = host_runner(imported.mod)
     spec_opts = ort.SessionOptions()
     spec_opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sessions = {"ort": ort.InferenceSession(str(qdq), providers=["CPUExecutionProvider"]),
-                "ort_spec": ort.InferenceSession(str(qdq), spec_opts, providers=["CPUExecutionProvider"])}
+    sessions = {
+        "ort": ort.InferenceSession(str(qdq), providers=["CPUExecutionProvider"]),
+        "ort_spec": ort.InferenceSession(str(qdq), spec_opts, providers=["CPUExecutionProvider"]),
+    }
     name = imported.inputs[0].name
     data = load_dataset(data_uri, imported.inputs)
     outs = {"tvm": [], "ort": [], "ort_spec": []}
@@ -63,12 +66,19 @@ def _compare(qdq: Path, specs, data_uri: str) -> dict:
             outs[key].append(sess.run(None, {sess.get_inputs()[0].name: sample[name]})[0])
     outs = {k: np.concatenate(v) for k, v in outs.items()}
     top1 = {k: v.argmax(-1) for k, v in outs.items()}
-    row = {"data": data_uri, "samples": len(data), "import_seconds": round(import_s, 1),
-           "integer_layers": len(info["integer_layers"]), "kept_float": info["kept_float"],
-           "zero_point_handling": sorted({l["zero_point"] for l in info["integer_layers"]})}
+    row = {
+        "data": data_uri,
+        "samples": len(data),
+        "import_seconds": round(import_s, 1),
+        "integer_layers": len(info["integer_layers"]),
+        "kept_float": info["kept_float"],
+        "zero_point_handling": sorted({l["zero_point"] for l in info["integer_layers"]}),
+    }
     for ref in ("ort", "ort_spec"):
-        row[f"tvm_vs_{ref}"] = {"top1_agreement": float(np.mean(top1["tvm"] == top1[ref])),
-                                "max_abs_diff": float(np.abs(outs["tvm"] - outs[ref]).max())}
+        row[f"tvm_vs_{ref}"] = {
+            "top1_agreement": float(np.mean(top1["tvm"] == top1[ref])),
+            "max_abs_diff": float(np.abs(outs["tvm"] - outs[ref]).max()),
+        }
     if data.labels is not None:
         row["accuracy"] = {k: float(np.mean(v == data.labels)) for k, v in top1.items()}
     return row
@@ -77,8 +87,10 @@ def _compare(qdq: Path, specs, data_uri: str) -> dict:
 def mnist() -> dict:
     work = Path(tempfile.mkdtemp(prefix="qdq-mnist-"))
     _, qdq, specs = _qdq_model("tasks.importers.bundled:mnist_cnn", "bundled:mnist:500:0", work)
-    return {"calibration": "bundled:mnist:500:0 (onnxruntime quantize_static: QDQ, per-channel int8 weights, uint8 activations)",
-            **_compare(qdq, specs, "bundled:mnist:4500:500")}
+    return {
+        "calibration": "bundled:mnist:500:0 (onnxruntime quantize_static: QDQ, per-channel int8 weights, uint8 activations)",
+        **_compare(qdq, specs, "bundled:mnist:4500:500"),
+    }
 
 
 def resnet18() -> dict:

@@ -18,6 +18,7 @@ compile deployment and a nightly retune deployment, both on the `tvmflow-process
 Deploy from the repository root (entrypoints are relative to it):
     prefect deploy --all --prefect-file deployments/prefect.yaml
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,46 +79,72 @@ def deployments(fleet: dict) -> list[dict]:
         remote = {} if profile.local_workers > 0 else {"tracker": profile.extra.get("tracker")}
         build_only = {"build_only": True} if profile.extra.get("build_only") and "build_only" in compile_params else {}
         first = models[0] if models else {"model": "tasks.importers.bundled:efficientnet_lite0"}
-        out.append({
-            "name": f"compile-{name}",
-            "description": f"On-demand compile, tune, validate and publish of one model for {name}.",
-            "entrypoint": "flows/compile.py:compile_flow",
-            "tags": ["tvmflow", "compile", name],
-            "parameters": {"model": first["model"], "device": name, "trials": profile.default_trials,
-                           "store": STORE, "data": first.get("data"), **remote, **build_only},
-            "schedules": [{"cron": sched.get("compile", "0 6 * * 1"), "timezone": "UTC", "active": False}],
-            "work_pool": {"name": POOL, "work_queue_name": name, "job_variables": job()},
-        })
-        out.append({
-            "name": f"retune-{name}",
-            "description": f"Nightly incremental retune of every fleet model for {name}: publishes only "
-                           "builds that validate and are no slower than LATEST.",
-            "entrypoint": "flows/retune.py:retune_flow",
-            "tags": ["tvmflow", "retune", name],
-            "parameters": {"device": name, "models": models, "budget": int(sched.get("budget", 64)),
-                           "store": STORE, "dask_address": None, **remote},
-            # nothing to retune (no `models:`) or no board to run on (no tracker): schedule off
-            "schedules": [{"cron": sched.get("retune", "0 2 * * *"), "timezone": "UTC",
-                           "active": bool(models) and has_tracker(profile)}],
-            "concurrency_limit": dict(RETUNE_CONCURRENCY),
-            "work_pool": {"name": POOL, "work_queue_name": name, "job_variables": job()},
-        })
-    out.append({
-        "name": "builds",
-        "description": "List published builds (newest first; `validated: false` = build-only, never LATEST).",
-        "entrypoint": "flows/retrieve.py:builds_flow",
-        "tags": ["tvmflow", "builds"],
-        "parameters": {"model": None, "device": None, "store": STORE},
-        "work_pool": {"name": POOL, "work_queue_name": "retrieve", "job_variables": job()},
-    })
-    out.append({
-        "name": "fetch",
-        "description": "Download one build into `out` on the worker's machine, every file verified against its manifest.",
-        "entrypoint": "flows/retrieve.py:fetch_flow",
-        "tags": ["tvmflow", "fetch"],
-        "parameters": {"build": "latest", "store": STORE},
-        "work_pool": {"name": POOL, "work_queue_name": "retrieve", "job_variables": job()},
-    })
+        out.append(
+            {
+                "name": f"compile-{name}",
+                "description": f"On-demand compile, tune, validate and publish of one model for {name}.",
+                "entrypoint": "flows/compile.py:compile_flow",
+                "tags": ["tvmflow", "compile", name],
+                "parameters": {
+                    "model": first["model"],
+                    "device": name,
+                    "trials": profile.default_trials,
+                    "store": STORE,
+                    "data": first.get("data"),
+                    **remote,
+                    **build_only,
+                },
+                "schedules": [{"cron": sched.get("compile", "0 6 * * 1"), "timezone": "UTC", "active": False}],
+                "work_pool": {"name": POOL, "work_queue_name": name, "job_variables": job()},
+            }
+        )
+        out.append(
+            {
+                "name": f"retune-{name}",
+                "description": f"Nightly incremental retune of every fleet model for {name}: publishes only "
+                "builds that validate and are no slower than LATEST.",
+                "entrypoint": "flows/retune.py:retune_flow",
+                "tags": ["tvmflow", "retune", name],
+                "parameters": {
+                    "device": name,
+                    "models": models,
+                    "budget": int(sched.get("budget", 64)),
+                    "store": STORE,
+                    "dask_address": None,
+                    **remote,
+                },
+                # nothing to retune (no `models:`) or no board to run on (no tracker): schedule off
+                "schedules": [
+                    {
+                        "cron": sched.get("retune", "0 2 * * *"),
+                        "timezone": "UTC",
+                        "active": bool(models) and has_tracker(profile),
+                    }
+                ],
+                "concurrency_limit": dict(RETUNE_CONCURRENCY),
+                "work_pool": {"name": POOL, "work_queue_name": name, "job_variables": job()},
+            }
+        )
+    out.append(
+        {
+            "name": "builds",
+            "description": "List published builds (newest first; `validated: false` = build-only, never LATEST).",
+            "entrypoint": "flows/retrieve.py:builds_flow",
+            "tags": ["tvmflow", "builds"],
+            "parameters": {"model": None, "device": None, "store": STORE},
+            "work_pool": {"name": POOL, "work_queue_name": "retrieve", "job_variables": job()},
+        }
+    )
+    out.append(
+        {
+            "name": "fetch",
+            "description": "Download one build into `out` on the worker's machine, every file verified against its manifest.",
+            "entrypoint": "flows/retrieve.py:fetch_flow",
+            "tags": ["tvmflow", "fetch"],
+            "parameters": {"build": "latest", "store": STORE},
+            "work_pool": {"name": POOL, "work_queue_name": "retrieve", "job_variables": job()},
+        }
+    )
     return out
 
 

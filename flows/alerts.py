@@ -10,6 +10,7 @@ names one (Slack, email, MS Teams, ... configured in the UI), else it only recor
 (its `prefect.automation.triggered` events, in the UI's event feed). Installing again replaces the
 automations of the same name, so the command is idempotent.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,8 +39,10 @@ def _action(block: str | None, subject: str, body: str):
     try:
         doc = Block.load(block)
     except (ValueError, RuntimeError) as err:
-        raise TvmflowError(f"cannot load notification block {block!r} ({err}); give `type/name`, e.g. "
-                           "slack-webhook/ops, of a block created in the UI") from None
+        raise TvmflowError(
+            f"cannot load notification block {block!r} ({err}); give `type/name`, e.g. "
+            "slack-webhook/ops, of a block created in the UI"
+        ) from None
     return SendNotification(block_document_id=doc._block_document_id, subject=subject, body=body)
 
 
@@ -50,21 +53,42 @@ def automations(fleet: dict, block: str | None = None) -> list:
 
     retunes = [f"retune-{name}" for name in fleet]
     failed = Automation(
-        name=FAILED_NAME, description="A nightly retune run of the fleet failed or crashed (deployments/generate.py).",
+        name=FAILED_NAME,
+        description="A nightly retune run of the fleet failed or crashed (deployments/generate.py).",
         trigger=EventTrigger(
             expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
             match_related={"prefect.resource.role": "deployment", "prefect.resource.name": retunes},
-            posture=Posture.Reactive, threshold=1, within=0),
-        actions=[_action(block, "tvmflow: {{ flow_run.name }} {{ flow_run.state.name }}",
-                         "Nightly retune {{ flow_run.name }} ended {{ flow_run.state.name }}: "
-                         "{{ flow_run.state.message }}")])
+            posture=Posture.Reactive,
+            threshold=1,
+            within=0,
+        ),
+        actions=[
+            _action(
+                block,
+                "tvmflow: {{ flow_run.name }} {{ flow_run.state.name }}",
+                "Nightly retune {{ flow_run.name }} ended {{ flow_run.state.name }}: {{ flow_run.state.message }}",
+            )
+        ],
+    )
     regressed = Automation(
-        name=REGRESSED_NAME, description="A new build is slower than the LATEST before it (tvmflow.build.regressed).",
-        trigger=EventTrigger(expect={REGRESSED}, match={"prefect.resource.id": "tvmflow.build.*"},
-                             posture=Posture.Reactive, threshold=1, within=0),
-        actions=[_action(block, "tvmflow: {{ event.payload.model }} regressed on {{ event.payload.device }}",
-                         "{{ event.payload.model }} on {{ event.payload.device }}: {{ event.payload.latency_ms }} ms, "
-                         "was {{ event.payload.previous_ms }} ms")])
+        name=REGRESSED_NAME,
+        description="A new build is slower than the LATEST before it (tvmflow.build.regressed).",
+        trigger=EventTrigger(
+            expect={REGRESSED},
+            match={"prefect.resource.id": "tvmflow.build.*"},
+            posture=Posture.Reactive,
+            threshold=1,
+            within=0,
+        ),
+        actions=[
+            _action(
+                block,
+                "tvmflow: {{ event.payload.model }} regressed on {{ event.payload.device }}",
+                "{{ event.payload.model }} on {{ event.payload.device }}: {{ event.payload.latency_ms }} ms, "
+                "was {{ event.payload.previous_ms }} ms",
+            )
+        ],
+    )
     return [failed, regressed]
 
 
@@ -76,8 +100,10 @@ def install(block: str | None = None, fleet_path: str | None = None) -> list[Ins
     from tasks.devices.profiles import load_fleet
 
     if not PREFECT_API_URL.value():
-        raise TvmflowError("no Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api from "
-                           "`tvmflow serve`); automations live on the server")
+        raise TvmflowError(
+            "no Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api from "
+            "`tvmflow serve`); automations live on the server"
+        )
     out = []
     for auto in automations(load_fleet(fleet_path), block):
         while True:  # replace every automation of that name

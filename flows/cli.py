@@ -1,4 +1,5 @@
 """The `tvmflow` command: compile, workers."""
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,14 @@ def _precision_options(args) -> dict | None:
         print(f"warning: {warning}", file=sys.stderr)
     if args.precision == "fp32":
         return None
-    return {"calibration": args.calibration, "method": args.calib_method, "keep_float": args.keep_float,
-            "allow": parse_ops(args.precision_allow), "deny": parse_ops(args.precision_deny),
-            "reduce_range": args.reduce_range}
+    return {
+        "calibration": args.calibration,
+        "method": args.calib_method,
+        "keep_float": args.keep_float,
+        "allow": parse_ops(args.precision_allow),
+        "deny": parse_ops(args.precision_deny),
+        "reduce_range": args.reduce_range,
+    }
 
 
 def _compile(args) -> int:
@@ -44,24 +50,45 @@ def _compile(args) -> int:
     from tasks.storage.results import with_store_results
 
     args.store = _store(args.store)
-    report = BuildReport.from_json(with_store_results(compile_flow, args.store)(  # flow result persisted in the store
-        model=args.model, device=args.device, trials=args.trials, store=args.store,
-        inputs=args.input, data=args.data, tracker=args.tracker,
-        precision=args.precision, measure_untuned=not args.no_untuned,
-        precision_options=_precision_options(args),
-        worker_timeout=args.worker_timeout, dask_address=args.dask, refresh=args.refresh))
+    report = BuildReport.from_json(
+        with_store_results(compile_flow, args.store)(  # flow result persisted in the store
+            model=args.model,
+            device=args.device,
+            trials=args.trials,
+            store=args.store,
+            inputs=args.input,
+            data=args.data,
+            tracker=args.tracker,
+            precision=args.precision,
+            measure_untuned=not args.no_untuned,
+            precision_options=_precision_options(args),
+            worker_timeout=args.worker_timeout,
+            dask_address=args.dask,
+            refresh=args.refresh,
+        )
+    )
     val = report.validation
     summary = {
-        "build_uri": report.build_uri, "manifest_uri": report.manifest_uri, "precision": report.precision,
-        "latency_ms": report.latency_ms, "latency_p90_ms": report.latency_p90_ms,
-        "untuned_latency_ms": report.untuned_latency_ms, "reference": report.reference,
-        "baselines": report.baselines, "validation": val.to_json(), "tasks": report.tasks,
-        "trials": report.trials, "untuned_tasks": report.untuned_tasks, "cache_hits": report.cache_hits,
-        "tuning_reuse": report.tuning_reuse, "tuning_seconds": report.tuning_seconds,
+        "build_uri": report.build_uri,
+        "manifest_uri": report.manifest_uri,
+        "precision": report.precision,
+        "latency_ms": report.latency_ms,
+        "latency_p90_ms": report.latency_p90_ms,
+        "untuned_latency_ms": report.untuned_latency_ms,
+        "reference": report.reference,
+        "baselines": report.baselines,
+        "validation": val.to_json(),
+        "tasks": report.tasks,
+        "trials": report.trials,
+        "untuned_tasks": report.untuned_tasks,
+        "cache_hits": report.cache_hits,
+        "tuning_reuse": report.tuning_reuse,
+        "tuning_seconds": report.tuning_seconds,
         "wall_seconds": report.wall_seconds,
     }
     lines = [
-        "", f"Build:      {report.build_uri}",
+        "",
+        f"Build:      {report.build_uri}",
         f"Latency:    tuned {report.latency_ms:.3f} ms (p90 {report.latency_p90_ms:.3f})"
         + (f", untuned {report.untuned_latency_ms:.3f} ms" if report.untuned_latency_ms else ""),
         "Baselines:  " + ", ".join(f"{k} {v:.3f} ms" for k, v in report.baselines.items()),
@@ -72,8 +99,10 @@ def _compile(args) -> int:
     ]
     reuse = report.tuning_reuse
     if reuse:
-        lines.append(f"Shared db:  {reuse['reused']} tasks reused, {reuse['warm_started']} warm-started, "
-                     f"{reuse['fresh']} tuned fresh ({reuse['shards']} shards in {reuse['store']})")
+        lines.append(
+            f"Shared db:  {reuse['reused']} tasks reused, {reuse['warm_started']} warm-started, "
+            f"{reuse['fresh']} tuned fresh ({reuse['shards']} shards in {reuse['store']})"
+        )
     print("\n".join(lines), file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(summary, default=str))
@@ -87,14 +116,28 @@ def _retune(args) -> int:
     from tasks.storage.results import with_store_results
 
     args.store = _store(args.store)
-    models = [{"model": m, "data": args.data, "inputs": args.input or [], "calibration": args.calibration}
-              for m in args.model] if args.model else None  # None: the device's models in the fleet file
+    models = (
+        [
+            {"model": m, "data": args.data, "inputs": args.input or [], "calibration": args.calibration}
+            for m in args.model
+        ]
+        if args.model
+        else None
+    )  # None: the device's models in the fleet file
     options = {"method": args.calib_method, "keep_float": args.keep_float} if args.precision == "int8" else None
     try:
         outcomes = with_store_results(retune_flow, args.store)(
-            device=args.device, models=models, budget=args.budget, store=args.store, tracker=args.tracker,
-            dask_address=args.dask, precision=args.precision, worker_timeout=args.worker_timeout,
-            precision_options=options, refresh=args.refresh)
+            device=args.device,
+            models=models,
+            budget=args.budget,
+            store=args.store,
+            tracker=args.tracker,
+            dask_address=args.dask,
+            precision=args.precision,
+            worker_timeout=args.worker_timeout,
+            precision_options=options,
+            refresh=args.refresh,
+        )
         code = 0
     except TvmflowError as err:
         if "models failed" not in str(err):
@@ -103,8 +146,11 @@ def _retune(args) -> int:
         return 1
     rows = summary_rows([Outcome(**o) for o in outcomes])
     for r in rows:
-        print(f"{r['model']} on {r['device']}: {r['status']} ({r['reason']}); new {r['new_ms']} ms, "
-              f"LATEST {r['latest_ms']} ms, {r['trials']} trials", file=sys.stderr if args.json else sys.stdout)
+        print(
+            f"{r['model']} on {r['device']}: {r['status']} ({r['reason']}); new {r['new_ms']} ms, "
+            f"LATEST {r['latest_ms']} ms, {r['trials']} trials",
+            file=sys.stderr if args.json else sys.stdout,
+        )
     if args.json:
         print(json.dumps(outcomes, default=str))
     return code
@@ -118,11 +164,12 @@ def _workers(args) -> int:
         if workers.load_state():
             raise TvmflowError("workers are already running (see `tvmflow workers status`); stop them first")
         profile = get_device(args.device)
-        started = workers.start_local_workers(profile.rpc_key, args.servers,
-                                              threads=profile.target.get("num-cores"))
+        started = workers.start_local_workers(profile.rpc_key, args.servers, threads=profile.target.get("num-cores"))
         workers.save_state(started)
-        print(f"tracker {started.tracker} with {args.servers} rpc server(s), key {profile.rpc_key!r}; "
-              f"use --tracker {started.tracker}")
+        print(
+            f"tracker {started.tracker} with {args.servers} rpc server(s), key {profile.rpc_key!r}; "
+            f"use --tracker {started.tracker}"
+        )
     elif args.action == "status":
         state = workers.load_state()
         if not state:
@@ -149,8 +196,9 @@ def _serve(args) -> int:
 def _fetch(args) -> int:
     from tasks.storage.retrieve import fetch_build
 
-    got = fetch_build(_store(args.store), args.model, args.device, args.build, args.out,
-                      allow_unvalidated=args.allow_unvalidated)
+    got = fetch_build(
+        _store(args.store), args.model, args.device, args.build, args.out, allow_unvalidated=args.allow_unvalidated
+    )
     note = "" if got.validated else ", UNVALIDATED: build-only, never run on the device"
     print(f"{args.model}/{args.device}/{got.build_id} -> {got.path} ({len(got.files)} files, sha256 verified{note})")
     return 0
@@ -169,8 +217,10 @@ def _builds(args) -> int:
     for r in rows:
         ms = f"{r['latency_ms']:.3f}" if isinstance(r["latency_ms"], (int, float)) else "-"
         ok = "unvalidated" if not r.get("validated", True) else "passed" if r["validation"].get("passed") else "FAILED"
-        print(f"{r['model']:<20} {r['device']:<14} {r['build_id'] + (' *' if r['latest'] else ''):<24} "
-              f"{r['published_at'] or '-':<21} {r['precision'] or '-':<5} {ms:>9}  {ok}")
+        print(
+            f"{r['model']:<20} {r['device']:<14} {r['build_id'] + (' *' if r['latest'] else ''):<24} "
+            f"{r['published_at'] or '-':<21} {r['precision'] or '-':<5} {ms:>9}  {ok}"
+        )
     print(f"{len(rows)} build(s); * = LATEST" if rows else "no builds")
     return 0
 
@@ -191,8 +241,9 @@ def _devices(args) -> int:
         where = r.tracker or ("build-only" if r.build_only else "no tracker")
         if r.reachable is False:
             where += " (unreachable)"
-        print(f"{r.name:<16} {','.join(r.precisions):<16} {where:<34} {num(r.registered):>7} {num(r.busy):>4}  "
-              f"{r.target}")
+        print(
+            f"{r.name:<16} {','.join(r.precisions):<16} {where:<34} {num(r.registered):>7} {num(r.busy):>4}  {r.target}"
+        )
     return 0
 
 
@@ -205,8 +256,11 @@ def _alerts(args) -> int:
         return 0
     for d in done:
         print(f"{d.name}: on {d.trigger} (automation {d.id})")
-    print("notifications through block " + args.notify if args.notify else
-          "no --notify block: the automations only record that they fired (event feed in the UI)")
+    print(
+        "notifications through block " + args.notify
+        if args.notify
+        else "no --notify block: the automations only record that they fired (event feed in the UI)"
+    )
     return 0
 
 
@@ -238,38 +292,62 @@ def parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compile", help="compile, tune, validate and publish a model")
     from tasks.importers.bundled import DEFAULT_MODEL
 
-    comp.add_argument("--model", default=DEFAULT_MODEL, help="path, file://, s3://, http(s):// URI, or package.module:callable")
+    comp.add_argument(
+        "--model", default=DEFAULT_MODEL, help="path, file://, s3://, http(s):// URI, or package.module:callable"
+    )
     comp.add_argument("--device", default="local")
     comp.add_argument("--trials", type=int, default=None, help="total trial budget (default: the device's)")
     comp.add_argument("--store", default="./artifacts", help="fsspec URI of the object store")
     comp.add_argument("--input", action="append", help="name:shape:dtype, e.g. input:1x3x224x224:float32")
-    comp.add_argument("--data", default=None, help="validation data: npz URI, bundled:mnist[:N], bundled:imagenet-photos")
+    comp.add_argument(
+        "--data", default=None, help="validation data: npz URI, bundled:mnist[:N], bundled:imagenet-photos"
+    )
     comp.add_argument("--tracker", default=None, help="host:port of an RPC tracker (default: start local workers)")
     comp.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"])
-    comp.add_argument("--calibration", default=None,
-                      help="int8 calibration samples: npz URI, image folder (#mean=..&std=..), bundled:mnist:500")
+    comp.add_argument(
+        "--calibration",
+        default=None,
+        help="int8 calibration samples: npz URI, image folder (#mean=..&std=..), bundled:mnist:500",
+    )
     comp.add_argument("--calib-method", default="percentile", choices=["max", "percentile", "kl"])
-    comp.add_argument("--keep-float", default=None, help="int8: layers kept in float, e.g. conv2d_0,matmul_1 "
-                      "(default: first conv and last dense; 'none' quantizes all)")
+    comp.add_argument(
+        "--keep-float",
+        default=None,
+        help="int8: layers kept in float, e.g. conv2d_0,matmul_1 "
+        "(default: first conv and last dense; 'none' quantizes all)",
+    )
     comp.add_argument("--precision-allow", default=None, help="fp16/bf16: op kinds or layer names to convert")
     comp.add_argument("--precision-deny", default=None, help="fp16/bf16: op kinds or layer names kept in fp32")
-    comp.add_argument("--reduce-range", action="store_true", default=None,
-                      help="int8: 7-bit weights (no vpmaddubsw saturation; default: on where the device has AVX2 but no VNNI)")
+    comp.add_argument(
+        "--reduce-range",
+        action="store_true",
+        default=None,
+        help="int8: 7-bit weights (no vpmaddubsw saturation; default: on where the device has AVX2 but no VNNI)",
+    )
     comp.add_argument("--no-untuned", action="store_true", help="skip measuring the untuned build")
     comp.add_argument("--worker-timeout", type=float, default=60.0, help="seconds to wait for a free device worker")
     comp.add_argument("--dask", default=None, metavar="HOST:PORT", help="run the tuning fan-out on this Dask scheduler")
     comp.add_argument("--json", action="store_true", help="print one JSON summary as the last stdout line")
     comp.add_argument("--refresh", action="store_true", help="ignore cached stage outputs: import, tune, build again")
     comp.set_defaults(func=_compile)
-    ret = sub.add_parser("retune", help="retune now: more trials on top of LATEST, publish only if validated and no slower")
+    ret = sub.add_parser(
+        "retune", help="retune now: more trials on top of LATEST, publish only if validated and no slower"
+    )
     ret.add_argument("--device", default="local")
     ret.add_argument("--store", default="./artifacts", help="fsspec URI of the object store")
-    ret.add_argument("--model", action="append", help="model URI or package.module:callable (repeatable; "
-                     "default: the device's models in the fleet file)")
+    ret.add_argument(
+        "--model",
+        action="append",
+        help="model URI or package.module:callable (repeatable; default: the device's models in the fleet file)",
+    )
     ret.add_argument("--data", default=None, help="validation data of --model (default: the bundled model's)")
     ret.add_argument("--input", action="append", help="name:shape:dtype of --model's inputs")
-    ret.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16", "int8"],
-                     help="default: each model's LATEST precision, else fp32")
+    ret.add_argument(
+        "--precision",
+        default=None,
+        choices=["fp32", "fp16", "bf16", "int8"],
+        help="default: each model's LATEST precision, else fp32",
+    )
     ret.add_argument("--calibration", default=None, help="int8 calibration samples (default: --data)")
     ret.add_argument("--calib-method", default="percentile", choices=["max", "percentile", "kl"])
     ret.add_argument("--keep-float", default=None, help="int8: layers kept in float")
@@ -286,8 +364,11 @@ def parser() -> argparse.ArgumentParser:
     fetch.add_argument("--build", default="latest", help="build id, or latest")
     fetch.add_argument("--store", default="./artifacts", help="fsspec URI of the object store")
     fetch.add_argument("--out", required=True, help="new or empty folder to put the build in")
-    fetch.add_argument("--allow-unvalidated", action="store_true",
-                       help="also fetch build-only builds never run on the device (newest one if there is no LATEST)")
+    fetch.add_argument(
+        "--allow-unvalidated",
+        action="store_true",
+        help="also fetch build-only builds never run on the device (newest one if there is no LATEST)",
+    )
     fetch.set_defaults(func=_fetch)
     builds = sub.add_parser("builds", help="list published builds: date, precision, latency, validation")
     builds.add_argument("model", nargs="?")
@@ -302,8 +383,12 @@ def parser() -> argparse.ArgumentParser:
     devs.set_defaults(func=_devices)
     alerts = sub.add_parser("alerts", help="Prefect automations from the fleet file: failed nightly runs, regressions")
     alerts.add_argument("action", choices=["install"])
-    alerts.add_argument("--notify", default=None, metavar="BLOCK",
-                        help="notification block (type/name, e.g. slack-webhook/ops) the automations send to")
+    alerts.add_argument(
+        "--notify",
+        default=None,
+        metavar="BLOCK",
+        help="notification block (type/name, e.g. slack-webhook/ops) the automations send to",
+    )
     alerts.add_argument("--json", action="store_true", help="print what was installed as JSON")
     alerts.set_defaults(func=_alerts)
     work = sub.add_parser("workers", help="start/stop local device workers (tracker + rpc servers)")
@@ -316,8 +401,12 @@ def parser() -> argparse.ArgumentParser:
     srv.add_argument("--device", default="local", help="device profile of the local device workers")
     srv.add_argument("--servers", type=int, default=2, help="local rpc servers to start")
     srv.add_argument("--no-deploy", action="store_true", help="do not (re)deploy deployments/prefect.yaml")
-    srv.add_argument("--store", default=None, help="the deployments' default store (Prefect Variable "
-                     "tvmflow_store; default: keep it, or ~/.tvmflow/artifacts)")
+    srv.add_argument(
+        "--store",
+        default=None,
+        help="the deployments' default store (Prefect Variable "
+        "tvmflow_store; default: keep it, or ~/.tvmflow/artifacts)",
+    )
     srv.set_defaults(func=_serve)
     _common_flags(sub)
     return root
@@ -327,10 +416,18 @@ def _common_flags(sub) -> None:
     """--debug/--quiet after the command too (`tvmflow compile --quiet`); compile and retune get
     the live progress display (flows/progress.py)."""
     for name, command in sub.choices.items():
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                             help="show tracebacks and Prefect's own log lines")
-        command.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
-                             help="no progress display or summary table: only results and errors")
+        command.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show tracebacks and Prefect's own log lines",
+        )
+        command.add_argument(
+            "--quiet",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="no progress display or summary table: only results and errors",
+        )
         if name in ("compile", "retune"):
             command.set_defaults(progress=True)
 
@@ -374,8 +471,11 @@ def main(argv: list[str] | None = None) -> int:
         code = exit_code(err)
         if isinstance(err, TimeoutError):  # a Prefect timeout on a device/store step (tasks.retry_policy)
             code = EXIT_UNREACHABLE
-        text = str(err) if isinstance(err, TvmflowError) else \
-            f"internal error ({err.__class__.__name__}: {' '.join(str(err).split())[:300]}); rerun with --debug"
+        text = (
+            str(err)
+            if isinstance(err, TvmflowError)
+            else f"internal error ({err.__class__.__name__}: {' '.join(str(err).split())[:300]}); rerun with --debug"
+        )
         print(f"error: {text}", file=sys.stderr, flush=True)
         return code
 

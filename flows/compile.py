@@ -1,5 +1,6 @@
 """On-demand compile flow: the shared stages (flows/stages.py), then publish. Thin: it checks the
 parameters, runs the stages in order and refuses to publish a build that failed validation."""
+
 from __future__ import annotations
 
 import logging
@@ -29,11 +30,21 @@ for noisy in ("tvm.s_tir.meta_schedule", "tvm"):
 
 
 @flow(name="tvmflow-compile", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
-def compile_flow(model: str = DEFAULT_MODEL, device: str = "local", trials: int | None = None,
-                 store: str = "./artifacts", inputs: list[str] | None = None, data: str | None = None,
-                 tracker: str | None = None, precision: str = "fp32", measure_untuned: bool = True,
-                 worker_timeout: float = 60.0, dask_address: str | None = None,
-                 precision_options: dict | None = None, refresh: bool = False) -> dict:
+def compile_flow(
+    model: str = DEFAULT_MODEL,
+    device: str = "local",
+    trials: int | None = None,
+    store: str = "./artifacts",
+    inputs: list[str] | None = None,
+    data: str | None = None,
+    tracker: str | None = None,
+    precision: str = "fp32",
+    measure_untuned: bool = True,
+    worker_timeout: float = 60.0,
+    dask_address: str | None = None,
+    precision_options: dict | None = None,
+    refresh: bool = False,
+) -> dict:
     """Compile, tune, validate and publish one model for one device; returns report.json's content.
 
     `dask_address` (host:port of a Dask scheduler) runs the tuning fan-out on that cluster.
@@ -56,18 +67,31 @@ def compile_flow(model: str = DEFAULT_MODEL, device: str = "local", trials: int 
     prepared = stages.precision(prepared, profile, PrecisionOptions(**(precision_options or {})), refresh)
     tuning_plan = stages.plan(prepared, profile, trials)
     run_logger().info(f"{len(tuning_plan.tasks)} tuning tasks; {trials} trials over {len(tuning_plan.tuned)} of them")
-    with cache.run_dir("compile-") as work_dir, DeviceSession(profile, tracker, worker_timeout,
-                                                               str(cache.cache_root() / "logs")) as session:
+    with (
+        cache.run_dir("compile-") as work_dir,
+        DeviceSession(profile, tracker, worker_timeout, str(cache.cache_root() / "logs")) as session,
+    ):
         session.start()  # a wrong tracker fails before tuning
-        tuning = stages.tune(tuning_plan, session, store, work_dir, source.name, dask_address=dask_address,
-                             refresh=refresh)
+        tuning = stages.tune(
+            tuning_plan, session, store, work_dir, source.name, dask_address=dask_address, refresh=refresh
+        )
         built = stages.pick_and_build(prepared, tuning, session, work_dir, refresh=refresh)
         run, validation, framework_ms = stages.validate(built, prepared, dataset, session)
         untuned_ms = pipeline.untuned_latency(prepared, session, dataset, refresh) if measure_untuned else None
         report = stages.make_report(
-            prepared, session, tuning_plan, tuning, built, run, validation, framework_ms, dataset,
-            untuned_latency_ms=untuned_ms, precision_warning=warning or None,
-            baselines=pipeline.baselines(source, dataset.sample(0), framework_ms, work_dir))
+            prepared,
+            session,
+            tuning_plan,
+            tuning,
+            built,
+            run,
+            validation,
+            framework_ms,
+            dataset,
+            untuned_latency_ms=untuned_ms,
+            precision_warning=warning or None,
+            baselines=pipeline.baselines(source, dataset.sample(0), framework_ms, work_dir),
+        )
         if not validation.passed:  # nothing published; the report is kept outside the run's folder
             raise pipeline.gate_failure(report, prepared, dataset)
         report.wall_seconds = round(time.monotonic() - started, 1)

@@ -10,6 +10,7 @@
   their time, tuned tasks with trials and best latency), then the caller prints the result or
   the `error:` line, which is therefore the last line.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +47,12 @@ def quiet_prefect_console(log_file: Path | None = LOG_FILE) -> list[logging.Hand
             continue
         for handler in list(logger.handlers):
             stream = getattr(handler, "stream", None)
-            console = type(handler).__name__ in ("PrefectConsoleHandler", "_SafeStreamHandler") or \
-                stream in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
+            console = type(handler).__name__ in ("PrefectConsoleHandler", "_SafeStreamHandler") or stream in (
+                sys.stderr,
+                sys.stdout,
+                sys.__stderr__,
+                sys.__stdout__,
+            )
             if console and not isinstance(handler, logging.FileHandler):
                 logger.removeHandler(handler)
                 removed.append(handler)
@@ -60,7 +65,9 @@ def _eta(seconds: float | None) -> str:
     if seconds is None or seconds < 0:
         return "-"
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 class Display(logging.Handler):
@@ -75,7 +82,7 @@ class Display(logging.Handler):
         self.started = time.monotonic()
         self.fields: dict = {}
         self.stages: dict[str, list[float]] = {}  # stage -> [first seen, last seen] (monotonic)
-        self.tasks: dict[str, dict] = {}          # task name -> {"trials", "best_ms"}
+        self.tasks: dict[str, dict] = {}  # task name -> {"trials", "best_ms"}
         self.tune_start: float | None = None
         self.tune_trials0 = 0
         self._last_trials = 0
@@ -127,8 +134,12 @@ class Display(logging.Handler):
         text = progress.describe(f) or "starting"
         who = "/".join(str(f[k]) for k in ("model", "device") if f.get(k))
         eta = self.eta_seconds()
-        return (f"{who}: " if who else "") + text + (f", ETA {_eta(eta)}" if eta is not None else "") + \
-            f"  [{_eta(time.monotonic() - self.started)} elapsed]"
+        return (
+            (f"{who}: " if who else "")
+            + text
+            + (f", ETA {_eta(eta)}" if eta is not None else "")
+            + f"  [{_eta(time.monotonic() - self.started)} elapsed]"
+        )
 
     def render(self):
         from rich.text import Text

@@ -4,6 +4,7 @@
 its library needs no API server); these flows give the same thing as Prefect runs, with the
 result persisted to the store when run through `with_store_results`.
 """
+
 from __future__ import annotations
 
 from prefect import flow, task
@@ -22,22 +23,39 @@ def builds_flow(model: str | None = None, device: str | None = None, store: str 
     """Every complete build in the store (newest first), optionally of one model / device."""
     rows = list_task(store, model, device)
     for row in rows:
-        print(f"{row['model']}/{row['device']}/{row['build_id']}{' (LATEST)' if row['latest'] else ''}: "
-              f"{row['precision']}, {row['latency_ms']} ms, validation "
-              f"{'unvalidated (build-only)' if not row.get('validated', True) else 'passed'}")
-    print(f"{len(rows)} build(s) in {clean_uri(store)}" + (f" of {model}" if model else "") + (f" for {device}" if device else ""))
+        print(
+            f"{row['model']}/{row['device']}/{row['build_id']}{' (LATEST)' if row['latest'] else ''}: "
+            f"{row['precision']}, {row['latency_ms']} ms, validation "
+            f"{'unvalidated (build-only)' if not row.get('validated', True) else 'passed'}"
+        )
+    print(
+        f"{len(rows)} build(s) in {clean_uri(store)}"
+        + (f" of {model}" if model else "")
+        + (f" for {device}" if device else "")
+    )
     return rows
 
 
 @flow(name="tvmflow-fetch", log_prints=True)
-def fetch_flow(model: str, device: str, out: str, build: str = "latest", store: str = "./artifacts",
-               allow_unvalidated: bool = False) -> dict:
+def fetch_flow(
+    model: str,
+    device: str,
+    out: str,
+    build: str = "latest",
+    store: str = "./artifacts",
+    allow_unvalidated: bool = False,
+) -> dict:
     """Download one build into `out`, every file verified against its manifest; raises on a mismatch.
     A build-only (unvalidated) build only with `allow_unvalidated`."""
     fetched = fetch_task(store, model, device, build, out, allow_unvalidated)
     print(f"fetched {model}/{device}/{fetched.build_id} into {fetched.path}: {', '.join(fetched.files)} verified")
-    return {"path": str(fetched.path), "build_id": fetched.build_id, "files": fetched.files,
-            "latency_ms": fetched.manifest.get("latency_ms"), "precision": fetched.manifest.get("precision")}
+    return {
+        "path": str(fetched.path),
+        "build_id": fetched.build_id,
+        "files": fetched.files,
+        "latency_ms": fetched.manifest.get("latency_ms"),
+        "precision": fetched.manifest.get("precision"),
+    }
 
 
 def run_builds(store: str, model: str | None = None, device: str | None = None) -> list[dict]:

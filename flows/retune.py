@@ -3,6 +3,7 @@ with retune's decisions (tasks/retune.py): `budget` more trials on top of LATEST
 from LATEST's and the shared per-device database (and pushed back to it), built and validated in
 the entry's precision, published only when it validated and is no slower than LATEST measured
 now on the same device. One model's failure does not stop the others."""
+
 from __future__ import annotations
 
 import time
@@ -27,9 +28,16 @@ from tasks.storage import cache
 check_parameters = task(retune.check_parameters, name="check-parameters", cache_policy=NO_CACHE)
 
 
-def retune_model(entry: retune.ModelEntry, session: DeviceSession, store: str, budget: int,
-                 dask_address: str | None, precision: str | None, precision_options: dict | None,
-                 refresh: bool = False) -> retune.Outcome:
+def retune_model(
+    entry: retune.ModelEntry,
+    session: DeviceSession,
+    store: str,
+    budget: int,
+    dask_address: str | None,
+    precision: str | None,
+    precision_options: dict | None,
+    refresh: bool = False,
+) -> retune.Outcome:
     """Retune, rebuild, validate, compare and maybe publish one model; never raises.
 
     Plain, not a task: the tuning fan-out may ship its context to Dask, and a task's context
@@ -38,16 +46,27 @@ def retune_model(entry: retune.ModelEntry, session: DeviceSession, store: str, b
     outcome = retune.Outcome(entry.model, profile.name, "failed", "")
     try:
         with cache.run_dir("retune-") as work_dir:
-            _retune(entry, session, store, budget, dask_address, precision, precision_options, refresh,
-                    work_dir, outcome)
+            _retune(
+                entry, session, store, budget, dask_address, precision, precision_options, refresh, work_dir, outcome
+            )
     except Exception as err:  # noqa: BLE001 - one model's failure must not stop the others
         outcome.status, outcome.reason = "failed", retune.failure_reason(err)
     run_logger().info(f"{entry.name} on {profile.name}: {outcome.status}: {outcome.reason}")
     return outcome
 
 
-def _retune(entry, session: DeviceSession, store, budget, dask_address, run_precision, precision_options,
-            refresh, work_dir: Path, outcome: retune.Outcome) -> None:
+def _retune(
+    entry,
+    session: DeviceSession,
+    store,
+    budget,
+    dask_address,
+    run_precision,
+    precision_options,
+    refresh,
+    work_dir: Path,
+    outcome: retune.Outcome,
+) -> None:
     started = time.monotonic()
     profile = session.profile
     progress.update(stage="fetch", model=entry.name, device=profile.name)
@@ -59,23 +78,39 @@ def _retune(entry, session: DeviceSession, store, budget, dask_address, run_prec
     prepared = stages.import_model(source, profile, specs_in, wanted, refresh)
     outcome.precision = prepared.precision
     dataset = load_dataset(entry.data, prepared.specs)
-    options = {"calibration": entry.calibration or entry.data,  # int8: the entry's data unless told otherwise
-               **{k: v for k, v in (precision_options or {}).items() if v is not None}}
+    options = {
+        "calibration": entry.calibration or entry.data,  # int8: the entry's data unless told otherwise
+        **{k: v for k, v in (precision_options or {}).items() if v is not None},
+    }
     prepared = stages.precision(prepared, profile, PrecisionOptions(**options), refresh)
     tuning_plan = stages.plan(prepared, profile, budget)
     latest_same_precision = latest if latest and latest.precision == prepared.precision else None
     outcome.budget = (latest_same_precision.budget if latest_same_precision else 0) + sum(
-        t.trials for t in tuning_plan.tuned)
+        t.trials for t in tuning_plan.tuned
+    )
     if latest_same_precision and not tuning_plan.tuned and not refresh:
         outcome.status, outcome.reason = "kept", f"no extra budget: nothing tuned; LATEST {latest.build_id} is current"
         return
     latest_db = latest_same_precision.folder if latest_same_precision else None
-    tuning = stages.tune(tuning_plan, session, store, work_dir, source.name, extra_seed=latest_db,
-                         reuse_paid=False, dask_address=dask_address, refresh=refresh)
+    tuning = stages.tune(
+        tuning_plan,
+        session,
+        store,
+        work_dir,
+        source.name,
+        extra_seed=latest_db,
+        reuse_paid=False,
+        dask_address=dask_address,
+        refresh=refresh,
+    )
     outcome.trials = tuning.new_trials
     built = stages.pick_and_build(prepared, tuning, session, work_dir, [latest_db] if latest_db else [], refresh)
-    if latest_same_precision and built.db_dir and retune.same_database(built.db_dir, latest_same_precision) \
-            and not refresh:
+    if (
+        latest_same_precision
+        and built.db_dir
+        and retune.same_database(built.db_dir, latest_same_precision)
+        and not refresh
+    ):
         outcome.status, outcome.reason = "kept", f"tuning found nothing better; LATEST {latest.build_id} is current"
         return
     run, validation, framework_ms = stages.validate(built, prepared, dataset, session)
@@ -91,13 +126,29 @@ def _retune(entry, session: DeviceSession, store, budget, dask_address, run_prec
         if not latest:
             outcome.reason = outcome.reason.replace("; kept LATEST", "; nothing published")
         return
-    baselines = {f"{source.framework} (host)": framework_ms,
-                 **({f"LATEST {latest.build_id} (device)": outcome.latest_ms} if latest else {})}
+    baselines = {
+        f"{source.framework} (host)": framework_ms,
+        **({f"LATEST {latest.build_id} (device)": outcome.latest_ms} if latest else {}),
+    }
     report = stages.make_report(
-        prepared, session, tuning_plan, tuning, built, run, validation, framework_ms, dataset,
-        trials_budget=outcome.budget, baselines=baselines,
-        retune={"previous_build": outcome.latest_build, "previous_latency_ms": outcome.latest_ms,
-                "previous_precision": latest.precision if latest else None, "decision": outcome.reason})
+        prepared,
+        session,
+        tuning_plan,
+        tuning,
+        built,
+        run,
+        validation,
+        framework_ms,
+        dataset,
+        trials_budget=outcome.budget,
+        baselines=baselines,
+        retune={
+            "previous_build": outcome.latest_build,
+            "previous_latency_ms": outcome.latest_ms,
+            "previous_precision": latest.precision if latest else None,
+            "decision": outcome.reason,
+        },
+    )
     report.latency_ms = outcome.new_ms
     report.wall_seconds = round(time.monotonic() - started, 1)
     report = stages.publish(store, report, built, work_dir)
@@ -105,27 +156,44 @@ def _retune(entry, session: DeviceSession, store, budget, dask_address, run_prec
 
 
 @flow(name="tvmflow-retune", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
-def retune_flow(device: str = "local", models: list | None = None, budget: int = 64, store: str = "./artifacts",
-                tracker: str | None = None, dask_address: str | None = None, precision: str | None = None,
-                worker_timeout: float = 60.0, precision_options: dict | None = None,
-                refresh: bool = False) -> list[dict]:
+def retune_flow(
+    device: str = "local",
+    models: list | None = None,
+    budget: int = 64,
+    store: str = "./artifacts",
+    tracker: str | None = None,
+    dask_address: str | None = None,
+    precision: str | None = None,
+    worker_timeout: float = 60.0,
+    precision_options: dict | None = None,
+    refresh: bool = False,
+) -> list[dict]:
     """Retune every model (default: the device's `models` in the fleet file) with `budget` more trials each.
 
     `precision` None: each entry's own `precision`, else its LATEST's, else fp32."""
     profile, entries = check_parameters(device, models, budget, store, precision)
     with DeviceSession(profile, tracker, worker_timeout, str(cache.cache_root() / "logs")) as session:
         # device workers start on first use: a model with nothing to tune never waits for them
-        outcomes = [retune_model(entry, session, store, int(budget), dask_address, precision, precision_options,
-                                 refresh) for entry in entries]
+        outcomes = [
+            retune_model(entry, session, store, int(budget), dask_address, precision, precision_options, refresh)
+            for entry in entries
+        ]
     key = "".join(c if c.isalnum() else "-" for c in f"retune-{device}").lower()
-    create_table_artifact(table=retune.summary_rows(outcomes), key=f"{key}-summary",
-                          description=f"nightly retune of {device}: one row per model")
-    create_markdown_artifact(markdown=retune.summary_markdown(outcomes, device, int(budget)),
-                             key=f"{key}-report", description="nightly retune report")
+    create_table_artifact(
+        table=retune.summary_rows(outcomes),
+        key=f"{key}-summary",
+        description=f"nightly retune of {device}: one row per model",
+    )
+    create_markdown_artifact(
+        markdown=retune.summary_markdown(outcomes, device, int(budget)),
+        key=f"{key}-report",
+        description="nightly retune report",
+    )
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
-        raise TvmflowError(f"{len(failed)} of {len(outcomes)} models failed: "
-                           + "; ".join(f"{o.model}: {o.reason}" for o in failed))
+        raise TvmflowError(
+            f"{len(failed)} of {len(outcomes)} models failed: " + "; ".join(f"{o.model}: {o.reason}" for o in failed)
+        )
     return [o.to_json() for o in outcomes]
 
 

@@ -1,6 +1,7 @@
 """`tvmflow serve`: the one-machine setup. A local Prefect server (SQLite under PREFECT_HOME), the
 process work pool and the deployments of deployments/prefect.yaml, local device workers (RPC
 tracker + rpc servers), and a Prefect worker whose flow runs use that tracker. Ctrl-C stops all."""
+
 from __future__ import annotations
 
 import os
@@ -45,16 +46,29 @@ def _store_variable(store: str | None, env: dict) -> None:
     """The deployments' `store` default (Prefect Variable tvmflow_store, resolved when deployed):
     set to --store, or created as ~/.tvmflow/artifacts if missing (never the worker's cwd)."""
     if store is None:
-        probe = subprocess.run(_prefect("--no-prompt", "variable", "get", STORE_VARIABLE), env=env, cwd=ROOT, check=False,
-                               capture_output=True, text=True)
+        probe = subprocess.run(
+            _prefect("--no-prompt", "variable", "get", STORE_VARIABLE),
+            env=env,
+            cwd=ROOT,
+            check=False,
+            capture_output=True,
+            text=True,
+        )
         if probe.returncode == 0 and probe.stdout.strip():
             return
         store = str(Path.home() / ".tvmflow" / "artifacts")
     _run(_prefect("--no-prompt", "variable", "set", STORE_VARIABLE, store, "--overwrite"), env)
 
 
-def serve(port: int = 4200, device: str = "local", servers: int = 2, deploy: bool = True,
-          log_dir: str | None = None, ready=None, store: str | None = None) -> int:
+def serve(
+    port: int = 4200,
+    device: str = "local",
+    servers: int = 2,
+    deploy: bool = True,
+    log_dir: str | None = None,
+    ready=None,
+    store: str | None = None,
+) -> int:
     """Start everything, print where it is, and block until interrupted."""
     from tasks.devices.profiles import get_device
     from tasks.devices.workers import start_local_workers, stop_group
@@ -70,30 +84,51 @@ def serve(port: int = 4200, device: str = "local", servers: int = 2, deploy: boo
 
     def spawn(cmd, env, name):
         out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - the child process writes to it
-        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                env=env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
         return procs[-1]
 
     try:
-        server = spawn(_prefect("server", "start", "--host", "127.0.0.1", "--port", str(port)),
-                       {**base, "PREFECT_UI_API_URL": api}, "server")  # the UI's API, else :4200
-        workers = start_local_workers(profile.rpc_key, servers, logs / "device-workers",
-                                      threads=profile.target.get("num-cores"))
+        server = spawn(
+            _prefect("server", "start", "--host", "127.0.0.1", "--port", str(port)),
+            {**base, "PREFECT_UI_API_URL": api},
+            "server",
+        )  # the UI's API, else :4200
+        workers = start_local_workers(
+            profile.rpc_key, servers, logs / "device-workers", threads=profile.target.get("num-cores")
+        )
         _wait_healthy(api, server, logs / "server.log")
         env = {**base, "PREFECT_API_URL": api, "TVMFLOW_TRACKER": workers.tracker}
         if deploy:
-            subprocess.run(_prefect("--no-prompt", "work-pool", "create", POOL, "--type", "process"),
-                           env=env, cwd=ROOT, capture_output=True, check=False)  # exists already: fine
+            subprocess.run(
+                _prefect("--no-prompt", "work-pool", "create", POOL, "--type", "process"),
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                check=False,
+            )  # exists already: fine
             _store_variable(store, env)
             _run(_prefect("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"), env)
         spawn(_prefect("worker", "start", "--pool", POOL, "--type", "process"), env, "worker")
-        print(f"Prefect UI:      {url}\n"
-              f"Prefect API:     {api}   (export PREFECT_API_URL={api})\n"
-              f"device workers:  tracker {workers.tracker}, {servers} rpc server(s) with key {profile.rpc_key!r}\n"
-              f"work pool:       {POOL} (one process worker running)\n"
-              f"logs:            {logs}\n"
-              "Trigger a run:   prefect deployment run tvmflow-compile/compile-local\n"
-              "Ctrl-C stops everything.", flush=True)
+        print(
+            f"Prefect UI:      {url}\n"
+            f"Prefect API:     {api}   (export PREFECT_API_URL={api})\n"
+            f"device workers:  tracker {workers.tracker}, {servers} rpc server(s) with key {profile.rpc_key!r}\n"
+            f"work pool:       {POOL} (one process worker running)\n"
+            f"logs:            {logs}\n"
+            "Trigger a run:   prefect deployment run tvmflow-compile/compile-local\n"
+            "Ctrl-C stops everything.",
+            flush=True,
+        )
         if ready:
             ready(url)
         while all(p.poll() is None for p in procs):

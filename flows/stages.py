@@ -7,6 +7,7 @@ Each task wraps a plain function of tasks/ (tasks.pipeline, tasks.tuning.shared_
 tasks.storage.publish); the flows only decide what to run. Caching is tasks.storage.cache's
 (content keys; see its docstring for why not Prefect's), so every task runs with NO_CACHE.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,6 +37,7 @@ from tasks.tuning.pick_best import has_db, merge_databases
 
 def _stage(fn, name: str):
     """`fn` as a Prefect task named `name` that first reports the stage (tasks.progress)."""
+
     @functools.wraps(fn)
     def run(*args, **kwargs):
         progress.update(stage=name)
@@ -55,9 +57,17 @@ build = _stage(pipeline.build, "build")
 validate = _stage(pipeline.validate, "validate")
 
 
-def tune(tuning_plan: TuningPlan, session: DeviceSession, store: str, work_dir: Path, model: str,
-         extra_seed: Path | None = None, reuse_paid: bool = True, dask_address: str | None = None,
-         refresh: bool = False) -> Tuning:
+def tune(
+    tuning_plan: TuningPlan,
+    session: DeviceSession,
+    store: str,
+    work_dir: Path,
+    model: str,
+    extra_seed: Path | None = None,
+    reuse_paid: bool = True,
+    dask_address: str | None = None,
+    refresh: bool = False,
+) -> Tuning:
     """Seed from the shared per-device database, tune what is left (fan-out), push what was
     measured back to it. `extra_seed` (retune: LATEST's database) joins the warm start;
     `reuse_paid=False` (retune, --refresh) tunes every task with trials instead of reusing it."""
@@ -71,24 +81,41 @@ def tune(tuning_plan: TuningPlan, session: DeviceSession, store: str, work_dir: 
         seed = str(merged)
     tuned: list[TaskResult] = []
     if reuse.to_tune:  # device workers start here, only when something is left to measure
-        tuned = tune_fanout(reuse.to_tune, session.address, seed_db_dir=seed, dask_address=dask_address,
-                            refresh=refresh)
+        tuned = tune_fanout(
+            reuse.to_tune, session.address, seed_db_dir=seed, dask_address=dask_address, refresh=refresh
+        )
     ordered = reuse.results([r.to_json() for r in tuned], tuning_plan.tasks)
     results = [TaskResult.from_json(r) for r in ordered]
     shard = save_tuning(store, session.profile, reuse, ordered, work_dir, model)
     return Tuning(results, round(time.monotonic() - started, 1), {**reuse.summary(), "shard": shard})
 
 
-def pick_and_build(prepared: PreparedModel, tuning: Tuning, session: DeviceSession, work_dir: Path,
-                   extra_sources: list[Path] | None = None, refresh: bool = False) -> Build:
+def pick_and_build(
+    prepared: PreparedModel,
+    tuning: Tuning,
+    session: DeviceSession,
+    work_dir: Path,
+    extra_sources: list[Path] | None = None,
+    refresh: bool = False,
+) -> Build:
     """Best record per workload (this run's, reused and `extra_sources`), then the library."""
     sources = [*(extra_sources or []), *(r.db_dir for r in tuning.results if r.db_dir)]
     db_dir, records = pick_best(sources, work_dir / "database", session.profile)
     return build(prepared, session.profile, db_dir, records, refresh)
 
 
-def make_report(prepared: PreparedModel, session: DeviceSession, tuning_plan: TuningPlan, tuning: Tuning,
-                built: Build, run, validation, framework_ms: float, dataset, **extra) -> BuildReport:
+def make_report(
+    prepared: PreparedModel,
+    session: DeviceSession,
+    tuning_plan: TuningPlan,
+    tuning: Tuning,
+    built: Build,
+    run,
+    validation,
+    framework_ms: float,
+    dataset,
+    **extra,
+) -> BuildReport:
     """The BuildReport of one validated (or failed) build; `extra` sets the optional fields."""
     source, profile = prepared.source, session.profile
     hits = list(prepared.cache_hits)
@@ -98,15 +125,33 @@ def make_report(prepared: PreparedModel, session: DeviceSession, tuning_plan: Tu
     if built.cached:
         hits.append("build")
     return BuildReport(
-        model=source.name, model_sha256=source.sha256, device=profile.name, target=profile.target,
-        tvm_version=tvm.__version__, tvmflow_version=tvmflow_version(), precision=prepared.precision,
-        framework=source.framework, inputs=[str(s) for s in prepared.specs], data=dataset.source,
-        tasks=len(tuning_plan.tasks), trials=tuning.new_trials,
-        trials_total=sum(r.trials_run for r in tuning.results), tuning=tuning.results,
-        untuned_tasks=tuning.untuned, records=built.records, latency_ms=run.median_ms, latency_p90_ms=run.p90_ms,
-        validation=validation, reference={"framework": source.framework, "latency_ms": framework_ms},
-        cache_hits=hits, tuning_seconds=tuning.seconds, tuning_reuse=tuning.reuse,
-        precision_info=prepared.precision_info, operator_choices=list(built.choices), **extra)
+        model=source.name,
+        model_sha256=source.sha256,
+        device=profile.name,
+        target=profile.target,
+        tvm_version=tvm.__version__,
+        tvmflow_version=tvmflow_version(),
+        precision=prepared.precision,
+        framework=source.framework,
+        inputs=[str(s) for s in prepared.specs],
+        data=dataset.source,
+        tasks=len(tuning_plan.tasks),
+        trials=tuning.new_trials,
+        trials_total=sum(r.trials_run for r in tuning.results),
+        tuning=tuning.results,
+        untuned_tasks=tuning.untuned,
+        records=built.records,
+        latency_ms=run.median_ms,
+        latency_p90_ms=run.p90_ms,
+        validation=validation,
+        reference={"framework": source.framework, "latency_ms": framework_ms},
+        cache_hits=hits,
+        tuning_seconds=tuning.seconds,
+        tuning_reuse=tuning.reuse,
+        precision_info=prepared.precision_info,
+        operator_choices=list(built.choices),
+        **extra,
+    )
 
 
 @task(name="publish", cache_policy=NO_CACHE)

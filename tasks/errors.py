@@ -3,8 +3,8 @@ tells a script which kind of failure it was (README, "Exit codes")."""
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1  # a bug or an unexpected failure: anything that is not a TvmflowError
-EXIT_USAGE = 2     # a bad flag, a bad model, bad input data
-EXIT_GATE = 3      # a validation or precision gate failed: nothing was published
+EXIT_USAGE = 2  # a bad flag, a bad model, bad input data
+EXIT_GATE = 3  # a validation or precision gate failed: nothing was published
 EXIT_UNREACHABLE = 4  # a device, tracker or store could not be reached
 
 

@@ -10,6 +10,7 @@ run Prefect relates the event to the run, its flow and deployment.
 
 Sending never fails a run: without an API the event is dropped (returned None).
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,12 @@ log = logging.getLogger("tvmflow.events")
 
 
 def resource(model: str, device: str) -> dict:
-    return {"prefect.resource.id": f"tvmflow.build.{model}.{device}", "prefect.resource.name": f"{model} on {device}",
-            "tvmflow.model": model, "tvmflow.device": device}
+    return {
+        "prefect.resource.id": f"tvmflow.build.{model}.{device}",
+        "prefect.resource.name": f"{model} on {device}",
+        "tvmflow.model": model,
+        "tvmflow.device": device,
+    }
 
 
 def emit(event: str, model: str, device: str, **payload):
@@ -44,8 +49,15 @@ def emit_published(model: str, device: str, latency_ms: float | None, **payload)
 
 def emit_regressed(model: str, device: str, latency_ms: float, previous_ms: float, **payload):
     slower = (latency_ms / previous_ms - 1.0) * 100.0 if previous_ms else None
-    return emit(REGRESSED, model, device, latency_ms=latency_ms, previous_ms=previous_ms,
-                slower_percent=round(slower, 2) if slower is not None else None, **payload)
+    return emit(
+        REGRESSED,
+        model,
+        device,
+        latency_ms=latency_ms,
+        previous_ms=previous_ms,
+        slower_percent=round(slower, 2) if slower is not None else None,
+        **payload,
+    )
 
 
 def emit_retune_failed(model: str, device: str, reason: str, latency_ms: float | None = None, **payload):

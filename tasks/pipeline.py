@@ -5,6 +5,7 @@ that is slow to make is cached by content in tasks.storage.cache (stage keys car
 and TVM's versions, the stage's schema version, the target and the inputs' hashes); `refresh`
 ignores those caches.
 """
+
 from __future__ import annotations
 
 import json
@@ -71,14 +72,16 @@ def fetch_model(spec: str, inputs: list[InputSpec] | None = None) -> ModelSource
     return ModelSource(model_name(spec), fetched.path, fetched.sha256, framework_of(fmt))
 
 
-def import_prepared(source: ModelSource, device: DeviceProfile, inputs: list[InputSpec] | None = None,
-                    refresh: bool = False):
+def import_prepared(
+    source: ModelSource, device: DeviceProfile, inputs: list[InputSpec] | None = None, refresh: bool = False
+):
     """(prepared IRModule, input specs, cache key, cache hit?) of the model as imported (fp32 or QDQ)."""
     key = cache.stage_key("import", device.target_key(), source.sha256, [str(s) for s in inputs or []])
     hit = cache.lookup("import", key, refresh)
     if hit:
-        specs = [InputSpec(s["name"], tuple(s["shape"]), s["dtype"])
-                 for s in json.loads((hit / "inputs.json").read_text())]
+        specs = [
+            InputSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in json.loads((hit / "inputs.json").read_text())
+        ]
         return tvm.ir.load_json((hit / "prepared.json").read_text()), specs, key, True
     imported = import_model(source.path, inputs)
     prepared = prepare_for_tuning(imported.mod, device.tvm_target())
@@ -89,8 +92,9 @@ def import_prepared(source: ModelSource, device: DeviceProfile, inputs: list[Inp
     return prepared, imported.inputs, key, False
 
 
-def import_stage(source: ModelSource, device: DeviceProfile, inputs: list[InputSpec] | None, precision: str,
-                 refresh: bool = False) -> PreparedModel:
+def import_stage(
+    source: ModelSource, device: DeviceProfile, inputs: list[InputSpec] | None, precision: str, refresh: bool = False
+) -> PreparedModel:
     """The model imported and lowered as it comes (fp32, or int8 for a QDQ model); `precision`
     is the one asked for: a pre-quantized model turns it into int8 (tasks/precision/qdq.py)."""
     inputs = list(inputs or [])
@@ -100,26 +104,47 @@ def import_stage(source: ModelSource, device: DeviceProfile, inputs: list[InputS
     prepared.precision = effective_precision(precision, prequantized)
     if prequantized:
         prepared.precision_info = prequantized
-        run_logger().info(f"pre-quantized int8 (QDQ) model: {len(prequantized['integer_layers'])} integer layers, "
-                          f"{len(prequantized['kept_float'])} float; validated with the int8 gate, no calibration")
+        run_logger().info(
+            f"pre-quantized int8 (QDQ) model: {len(prequantized['integer_layers'])} integer layers, "
+            f"{len(prequantized['kept_float'])} float; validated with the int8 gate, no calibration"
+        )
     return prepared
 
 
-def precision_stage(prepared: PreparedModel, device: DeviceProfile, options: PrecisionOptions | None = None,
-                    refresh: bool = False) -> PreparedModel:
+def precision_stage(
+    prepared: PreparedModel, device: DeviceProfile, options: PrecisionOptions | None = None, refresh: bool = False
+) -> PreparedModel:
     """fp16 / bf16 / calibrated int8 through tasks.precision.stage; fp32 and QDQ models pass as they are.
     Compile and retune both run it, so a retune of an int8 entry tunes and builds int8 kernels."""
     if prepared.precision == "fp32" or prepared.precision_info is not None:
         return prepared
-    lowered = lower_precision(prepared.source, device, prepared.requested_inputs, prepared.specs,
-                              prepared.precision, options or PrecisionOptions(), refresh)
-    return replace(prepared, mod=lowered.prepared, key=lowered.key, precision_info=lowered.info,
-                   converted=lowered.converted,
-                   cache_hits=prepared.cache_hits + (["precision"] if lowered.cached else []))
+    lowered = lower_precision(
+        prepared.source,
+        device,
+        prepared.requested_inputs,
+        prepared.specs,
+        prepared.precision,
+        options or PrecisionOptions(),
+        refresh,
+    )
+    return replace(
+        prepared,
+        mod=lowered.prepared,
+        key=lowered.key,
+        precision_info=lowered.info,
+        converted=lowered.converted,
+        cache_hits=prepared.cache_hits + (["precision"] if lowered.cached else []),
+    )
 
 
-def prepare_model(source: ModelSource, device: DeviceProfile, inputs: list[InputSpec] | None, precision: str,
-                  options: PrecisionOptions | None = None, refresh: bool = False) -> PreparedModel:
+def prepare_model(
+    source: ModelSource,
+    device: DeviceProfile,
+    inputs: list[InputSpec] | None,
+    precision: str,
+    options: PrecisionOptions | None = None,
+    refresh: bool = False,
+) -> PreparedModel:
     """import_stage then precision_stage (for callers without Prefect, e.g. the benchmarks)."""
     return precision_stage(import_stage(source, device, inputs, precision, refresh), device, options, refresh)
 
@@ -134,8 +159,14 @@ def db_digest(db_dir: str | Path | None) -> str | None:
     return cache.files_digest(db_dir, DB_FILES) if db_dir and has_db(db_dir) else None
 
 
-def tune_one(task_: TuningTask, device: DeviceAddress, label: str = "", per_iter: int = 16,
-             seed_db_dir: str | None = None, refresh: bool = False) -> TaskResult:
+def tune_one(
+    task_: TuningTask,
+    device: DeviceAddress,
+    label: str = "",
+    per_iter: int = 16,
+    seed_db_dir: str | None = None,
+    refresh: bool = False,
+) -> TaskResult:
     """Tune one task into its own cached database; a device failure is returned, not raised.
 
     `seed_db_dir` (earlier tuning of this device) warm-starts the search; its content is part
@@ -154,8 +185,19 @@ def tune_one(task_: TuningTask, device: DeviceAddress, label: str = "", per_iter
         logger.info(f"{label} {task_.name}: cache hit, {result.trials_run} trials reused")
         return result
     with cache.CacheEntry("tune", key) as entry:
-        tuned = tune_task(task_, profile.target, entry.path, device.tracker, profile.rpc_key, device.servers,
-                          profile.cross_compiler, label, logger.info, per_iter, seed_db_dir if seed else None)
+        tuned = tune_task(
+            task_,
+            profile.target,
+            entry.path,
+            device.tracker,
+            profile.rpc_key,
+            device.servers,
+            profile.cross_compiler,
+            label,
+            logger.info,
+            per_iter,
+            seed_db_dir if seed else None,
+        )
         result = TaskResult.from_json(tuned.to_json())
         if result.error is None or task_.trials <= 0:
             final = entry.commit()  # failed searches are not cached: a later run retries them
@@ -176,13 +218,15 @@ def pick_best(sources: list[str | Path], out_dir: Path, device: DeviceProfile | 
     """Best record per workload; on a device this host can run, only records whose kernel
     computes what the default lowering computes (tasks.tuning.pick_best.record_is_correct)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    count = merge_databases([s for s in sources if s], out_dir,
-                            verify_target=device.target if device and device.runs_on_host() else None)
+    count = merge_databases(
+        [s for s in sources if s], out_dir, verify_target=device.target if device and device.runs_on_host() else None
+    )
     return out_dir, count
 
 
-def build(prepared: PreparedModel, device: DeviceProfile, db_dir: Path | None, records: int = 0,
-          refresh: bool = False) -> Build:
+def build(
+    prepared: PreparedModel, device: DeviceProfile, db_dir: Path | None, records: int = 0, refresh: bool = False
+) -> Build:
     """The exported library for this module + database + target, cached by their content."""
     from tasks.build.compile import build_library
 
@@ -197,8 +241,9 @@ def build(prepared: PreparedModel, device: DeviceProfile, db_dir: Path | None, r
     return Build(final / "model.so", db_dir, records, cached=False)
 
 
-def validate(build_: Build, prepared: PreparedModel, dataset, session: DeviceSession
-             ) -> tuple[DeviceRun, Validation, float]:
+def validate(
+    build_: Build, prepared: PreparedModel, dataset, session: DeviceSession
+) -> tuple[DeviceRun, Validation, float]:
     """(device run, Validation, framework latency): outputs on the device vs the source framework."""
     names = prepared.input_names
     samples = [dataset.sample(i) for i in range(len(dataset))]
@@ -214,8 +259,12 @@ def untuned_latency(prepared: PreparedModel, session: DeviceSession, dataset, re
     device = session.profile
     untuned = build(prepared, device, None, refresh=refresh)
     key = cache.stage_key("untuned-latency", device.target_key(), prepared.key)
-    value, _ = cache.cached_json("untuned-latency", key, lambda: session.measure(
-        untuned.library, [dataset.sample(0)], prepared.input_names, repeat=3).median_ms, refresh)
+    value, _ = cache.cached_json(
+        "untuned-latency",
+        key,
+        lambda: session.measure(untuned.library, [dataset.sample(0)], prepared.input_names, repeat=3).median_ms,
+        refresh,
+    )
     return float(value)
 
 
@@ -223,8 +272,11 @@ def baselines(source: ModelSource, sample0: dict, framework_ms: float, work_dir:
     """Latency of the source framework (and onnxruntime) on this host, for the report."""
     out = {f"{source.framework} (host)": framework_ms}
     try:
-        onnx_path = source.path if source.framework == "onnx" else export_onnx_for_baseline(
-            source.path, work_dir / "baseline.onnx")
+        onnx_path = (
+            source.path
+            if source.framework == "onnx"
+            else export_onnx_for_baseline(source.path, work_dir / "baseline.onnx")
+        )
         if source.framework != "onnx":
             out["onnxruntime (host)"] = onnxruntime_latency(onnx_path, sample0)
     except Exception as err:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
@@ -241,17 +293,23 @@ def gate_failure(report: BuildReport, prepared: PreparedModel, dataset) -> GateF
     folder = cache.cache_root() / "failed-runs" / f"{report.model}-{uuid.uuid4().hex[:8]}"
     if prepared.converted is None:
         kept = write_report_files(report, folder)
-        return GateFailed(f"validation failed ({report.validation.reason}); nothing published; "
-                            f"report in {kept['report.md']}")
+        return GateFailed(
+            f"validation failed ({report.validation.reason}); nothing published; report in {kept['report.md']}"
+        )
     rows = layer_report(prepared.source, prepared.requested_inputs, prepared.converted, dataset)
     worst = worst_layer(rows)
     report.per_layer_error = rows
     write_report_files(report, folder)
     worst_row = next((r for r in rows if r["layer"] == worst), None)
-    hint = (f"; largest per-layer error jump at {worst} (SNR {worst_row['snr_db']:.1f} dB): try "
-            f"--keep-float {worst}" if worst_row else "")
-    return GateFailed(f"{report.precision} validation failed ({report.validation.reason}); nothing "
-                        f"published{hint}; per-layer report in {folder / 'report.md'}")
+    hint = (
+        f"; largest per-layer error jump at {worst} (SNR {worst_row['snr_db']:.1f} dB): try --keep-float {worst}"
+        if worst_row
+        else ""
+    )
+    return GateFailed(
+        f"{report.precision} validation failed ({report.validation.reason}); nothing "
+        f"published{hint}; per-layer report in {folder / 'report.md'}"
+    )
 
 
 def report_files(report: BuildReport, build_: Build, folder: Path) -> dict[str, Path]:

@@ -14,6 +14,7 @@ a progress artifact (0-100 %, its description the stage line) that the UI shows 
 Records carry their fields in `record.tvmflow_progress` (a dict); nothing is printed by default
 (the logger does not propagate), so a deployment run's console stays as it was.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,20 @@ log = logging.getLogger("tvmflow.progress")
 log.setLevel(logging.INFO)
 log.propagate = False  # only attached listeners see these records
 
-FIELDS = ("stage", "task", "of", "name", "trials", "budget", "best_ms", "task_trials", "task_best_ms", "model", "device",
-          "done")
+FIELDS = (
+    "stage",
+    "task",
+    "of",
+    "name",
+    "trials",
+    "budget",
+    "best_ms",
+    "task_trials",
+    "task_best_ms",
+    "model",
+    "device",
+    "done",
+)
 ARTIFACT_EVERY_S = 2.0  # at most one progress-artifact write per run this often (plus stage changes)
 
 _lock = threading.Lock()
@@ -86,8 +99,12 @@ def _artifact(payload: dict) -> None:
         for k in ("model", "device"):
             state[k] = payload.get(k) or state[k]
         now = time.monotonic()
-        if share is None or (state["id"] and state["stage"] == payload["stage"] and now - state["at"] < ARTIFACT_EVERY_S
-                             and not payload.get("done")):
+        if share is None or (
+            state["id"]
+            and state["stage"] == payload["stage"]
+            and now - state["at"] < ARTIFACT_EVERY_S
+            and not payload.get("done")
+        ):
             return
         state["stage"], state["at"] = payload["stage"], now
         artifact_id = state["id"]

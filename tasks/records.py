@@ -12,6 +12,7 @@ The CLI, the Prefect UI artifacts (tasks/report.py) and the retune decisions rea
 these, not keys of dicts. `to_json` keeps report.json's keys as they were, so readers of the
 published JSON (bench, UI, `tvmflow builds`) keep working.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -183,9 +184,24 @@ class BuildReport:
 
     def manifest_meta(self) -> dict:
         """The report's fields copied into manifest.json (read by `tvmflow builds` and retune)."""
-        meta = {k: v for k, v in self.to_json().items()
-                if k in ("model_sha256", "target", "tvm_version", "tvmflow_version", "precision", "trials",
-                         "tasks", "latency_ms", "validation", "framework", "inputs")}
+        meta = {
+            k: v
+            for k, v in self.to_json().items()
+            if k
+            in (
+                "model_sha256",
+                "target",
+                "tvm_version",
+                "tvmflow_version",
+                "precision",
+                "trials",
+                "tasks",
+                "latency_ms",
+                "validation",
+                "framework",
+                "inputs",
+            )
+        }
         if self.trials_budget is not None:
             meta["trials_budget"] = self.trials_budget
         if self.retune is not None:

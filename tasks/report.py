@@ -1,5 +1,6 @@
 """Reports: report.json / report.md files and Prefect artifacts of the same content, all read
 from one tasks.records.BuildReport (report.json is its to_json())."""
+
 from __future__ import annotations
 
 import json
@@ -16,10 +17,17 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def tuning_rows(results: list[TaskResult]) -> list[dict]:
-    return [{"task": r.name, "trials": r.trials_run, "valid": r.valid, "best_ms": _fmt(r.best_ms, 4),
-             "cached": r.cached,
-             "status": "reused (shared db)" if r.reused else "tuned" if not r.error else f"untuned: {r.error}"}
-            for r in results]
+    return [
+        {
+            "task": r.name,
+            "trials": r.trials_run,
+            "valid": r.valid,
+            "best_ms": _fmt(r.best_ms, 4),
+            "cached": r.cached,
+            "status": "reused (shared db)" if r.reused else "tuned" if not r.error else f"untuned: {r.error}",
+        }
+        for r in results
+    ]
 
 
 def latency_rows(report: BuildReport) -> list[dict]:
@@ -37,41 +45,67 @@ def _prequantized(report: BuildReport) -> str:
     if not info.get("prequantized"):
         return ""
     floats = [k["name"] for k in info["kept_float"]]
-    return (f" (pre-quantized {info['format']} model: {len(info['integer_layers'])} integer layers"
-            + (f", float: {', '.join(floats)}" if floats else "") + ")")
+    return (
+        f" (pre-quantized {info['format']} model: {len(info['integer_layers'])} integer layers"
+        + (f", float: {', '.join(floats)}" if floats else "")
+        + ")"
+    )
 
 
 def markdown(report: BuildReport) -> str:
     val = report.validation
     reuse = report.tuning_reuse
-    lines = [f"# tvmflow build: {report.model} on {report.device}", "",
-             f"- build: `{report.build_uri or '(not published)'}`",
-             f"- precision: {report.precision}{_prequantized(report)}, TVM {report.tvm_version}, "
-             f"tvmflow {report.tvmflow_version or '?'}, target `{report.target}`",
-             f"- validation: **{'passed' if val.passed else 'FAILED'}** on {val.samples} samples "
-             f"(max abs err {val.max_abs_err:.2e}, max rel err {val.max_rel_err:.2e}, "
-             f"top-1 agreement {_fmt(val.top1_agreement)}, accuracy {_fmt(val.accuracy)})"
-             + (f": {val.reason}" if val.reason else ""),
-             f"- tuning: {report.tasks} tasks, {report.trials} trials run, "
-             f"{report.tuning_seconds:.0f} s; cache hits: {', '.join(report.cache_hits) or 'none'}", "",
-             *([f"- shared tuning database: {reuse['reused']} tasks reused, {reuse['warm_started']} warm-started, "
-                f"{reuse['fresh']} tuned fresh ({reuse['shards']} shards)", ""] if reuse else []),
-             *([f"- retune: {report.retune.get('decision')}", ""] if report.retune else []),
-             "## Latency (batch as compiled, median over repeats)", "", "| path | median ms | p90 ms |", "|---|---|---|"]
+    lines = [
+        f"# tvmflow build: {report.model} on {report.device}",
+        "",
+        f"- build: `{report.build_uri or '(not published)'}`",
+        f"- precision: {report.precision}{_prequantized(report)}, TVM {report.tvm_version}, "
+        f"tvmflow {report.tvmflow_version or '?'}, target `{report.target}`",
+        f"- validation: **{'passed' if val.passed else 'FAILED'}** on {val.samples} samples "
+        f"(max abs err {val.max_abs_err:.2e}, max rel err {val.max_rel_err:.2e}, "
+        f"top-1 agreement {_fmt(val.top1_agreement)}, accuracy {_fmt(val.accuracy)})"
+        + (f": {val.reason}" if val.reason else ""),
+        f"- tuning: {report.tasks} tasks, {report.trials} trials run, "
+        f"{report.tuning_seconds:.0f} s; cache hits: {', '.join(report.cache_hits) or 'none'}",
+        "",
+        *(
+            [
+                f"- shared tuning database: {reuse['reused']} tasks reused, {reuse['warm_started']} warm-started, "
+                f"{reuse['fresh']} tuned fresh ({reuse['shards']} shards)",
+                "",
+            ]
+            if reuse
+            else []
+        ),
+        *([f"- retune: {report.retune.get('decision')}", ""] if report.retune else []),
+        "## Latency (batch as compiled, median over repeats)",
+        "",
+        "| path | median ms | p90 ms |",
+        "|---|---|---|",
+    ]
     lines += [f"| {r['path']} | {r['median_ms']} | {r['p90_ms']} |" for r in latency_rows(report)]
     lines += ["", "## Tuning tasks", "", "| task | trials | valid | best ms | status |", "|---|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['trials']} | {r['valid']} | {r['best_ms']} | {r['status']} |"
-              for r in tuning_rows(report.tuning)]
+    lines += [
+        f"| {r['task']} | {r['trials']} | {r['valid']} | {r['best_ms']} | {r['status']} |"
+        for r in tuning_rows(report.tuning)
+    ]
     untuned = [r.name for r in report.tuning if r.error]
     if untuned:
         lines += ["", f"Untuned tasks (default schedule): {', '.join(untuned)}"]
     if report.operator_choices:  # per-operator pick-best across backends (tasks.build.candidates)
         lines += ["", "## Per-operator backend choice", "", choices_table(report.operator_choices).rstrip()]
     if report.per_layer_error:  # issue 5: low-precision layer outputs against fp32
-        lines += ["", "## Per-layer error against fp32 (errors accumulate downstream)", "",
-                  "| layer | rel max err | SNR dB | cosine |", "|---|---|---|---|"]
-        lines += [f"| {r['layer']} | {r['rel_max_err']:.3e} | {r['snr_db']:.1f} | {r['cosine']:.5f} |"
-                  for r in report.per_layer_error]
+        lines += [
+            "",
+            "## Per-layer error against fp32 (errors accumulate downstream)",
+            "",
+            "| layer | rel max err | SNR dB | cosine |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['layer']} | {r['rel_max_err']:.3e} | {r['snr_db']:.1f} | {r['cosine']:.5f} |"
+            for r in report.per_layer_error
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -12,6 +12,7 @@ would only repeat the same one-line error later. Use as Prefect task options:
 Timeouts raise TimeoutError in the task; `tvmflow` exits 4 for it (README, Exit codes). A sync
 task's timeout cannot interrupt a blocking C call; the RPC session's own timeouts end those.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,12 +22,12 @@ from tasks.errors import TvmflowError, Unreachable
 log = logging.getLogger("tvmflow.retry")
 
 DEVICE_RETRIES = 3
-DEVICE_DELAYS_S = [5, 15, 45]   # a restarted tracker: rpc servers re-register within ~5-10 s
-DEVICE_TIMEOUT_S = 3600.0       # one validation / measurement step; tuning has its own budget
+DEVICE_DELAYS_S = [5, 15, 45]  # a restarted tracker: rpc servers re-register within ~5-10 s
+DEVICE_TIMEOUT_S = 3600.0  # one validation / measurement step; tuning has its own budget
 STORE_RETRIES = 3
 STORE_DELAYS_S = [2, 10, 30]
-STORE_TIMEOUT_S = 900.0         # upload/download of one build
-JITTER = 0.3                    # +-30 % on each delay: parallel runs do not retry in lockstep
+STORE_TIMEOUT_S = 900.0  # upload/download of one build
+JITTER = 0.3  # +-30 % on each delay: parallel runs do not retry in lockstep
 
 
 def is_transient(exc: BaseException | None) -> bool:
@@ -57,18 +58,30 @@ def retry_transient(task, task_run, state) -> bool:
     return transient
 
 
-def device(retries: int = DEVICE_RETRIES, delays_s: list[float] | None = None,
-           timeout_s: float | None = DEVICE_TIMEOUT_S) -> dict:
+def device(
+    retries: int = DEVICE_RETRIES, delays_s: list[float] | None = None, timeout_s: float | None = DEVICE_TIMEOUT_S
+) -> dict:
     """Task options for a step that waits on a device through the tracker."""
-    return {"retries": retries, "retry_delay_seconds": list(delays_s or DEVICE_DELAYS_S), "retry_jitter_factor": JITTER,
-            "timeout_seconds": timeout_s, "retry_condition_fn": retry_transient}
+    return {
+        "retries": retries,
+        "retry_delay_seconds": list(delays_s or DEVICE_DELAYS_S),
+        "retry_jitter_factor": JITTER,
+        "timeout_seconds": timeout_s,
+        "retry_condition_fn": retry_transient,
+    }
 
 
-def store(retries: int = STORE_RETRIES, delays_s: list[float] | None = None,
-          timeout_s: float | None = STORE_TIMEOUT_S) -> dict:
+def store(
+    retries: int = STORE_RETRIES, delays_s: list[float] | None = None, timeout_s: float | None = STORE_TIMEOUT_S
+) -> dict:
     """Task options for a step that reads or writes the object store."""
-    return {"retries": retries, "retry_delay_seconds": list(delays_s or STORE_DELAYS_S), "retry_jitter_factor": JITTER,
-            "timeout_seconds": timeout_s, "retry_condition_fn": retry_transient}
+    return {
+        "retries": retries,
+        "retry_delay_seconds": list(delays_s or STORE_DELAYS_S),
+        "retry_jitter_factor": JITTER,
+        "timeout_seconds": timeout_s,
+        "retry_condition_fn": retry_transient,
+    }
 
 
 DEVICE = device()

@@ -3,6 +3,7 @@ which models to retune (parameter checks up front), the precision and budget of 
 entry, else LATEST), and whether a rebuilt model is published (validated and no slower than
 LATEST measured now on the same device). Prefect-free; flows/retune.py wires it.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -74,8 +75,15 @@ def parse_models(models) -> list[ModelEntry]:
         if isinstance(item, str):
             entries.append(ModelEntry(item, DEFAULT_DATA.get(item)))
         elif isinstance(item, dict) and item.get("model"):
-            entries.append(ModelEntry(item["model"], item.get("data") or DEFAULT_DATA.get(item["model"]),
-                                      list(item.get("inputs") or []), item.get("precision"), item.get("calibration")))
+            entries.append(
+                ModelEntry(
+                    item["model"],
+                    item.get("data") or DEFAULT_DATA.get(item["model"]),
+                    list(item.get("inputs") or []),
+                    item.get("precision"),
+                    item.get("calibration"),
+                )
+            )
         else:
             raise TvmflowError(f"bad model entry {item!r}: give a URI string or a map with a `model` key")
     return entries
@@ -102,8 +110,9 @@ def model_exists(spec: str) -> str | None:
         return f"{err.__class__.__name__}: {err}"
 
 
-def check_parameters(device: str, models, budget: int, store: str,
-                     precision: str | None = None) -> tuple[DeviceProfile, list[ModelEntry]]:
+def check_parameters(
+    device: str, models, budget: int, store: str, precision: str | None = None
+) -> tuple[DeviceProfile, list[ModelEntry]]:
     """Every problem with the run's parameters, as one error, before any tuning starts."""
     profile = get_device(device)  # unknown device: one-line error naming the known ones
     safe_segment(device, "device")
@@ -174,8 +183,10 @@ def latest_build(store: str, model: str, device: str, dest: Path) -> LatestBuild
             continue
         fs.get_file(join(prefix, name), str(dest / name))
         if cache.sha256_file(dest / name) != manifest["files"][name]["sha256"]:
-            raise TvmflowError(f"{uri_of(store, join(prefix, name))} does not match its manifest sha256; "
-                               "LATEST is corrupt: republish it with `tvmflow compile`")
+            raise TvmflowError(
+                f"{uri_of(store, join(prefix, name))} does not match its manifest sha256; "
+                "LATEST is corrupt: republish it with `tvmflow compile`"
+            )
     report = None
     if (dest / "report.json").exists():
         try:
@@ -196,8 +207,13 @@ def same_database(db_dir: Path, latest: LatestBuild) -> bool:
     return all(n in files and cache.sha256_file(Path(db_dir) / n) == files[n]["sha256"] for n in DB_FILES)
 
 
-def decide(validation_passed: bool, validation_reason: str, new_ms: float, latest_ms: float | None,
-           tolerance: float = NOISE_TOLERANCE) -> tuple[bool, str]:
+def decide(
+    validation_passed: bool,
+    validation_reason: str,
+    new_ms: float,
+    latest_ms: float | None,
+    tolerance: float = NOISE_TOLERANCE,
+) -> tuple[bool, str]:
     """(publish?, why) for a rebuilt model, from its validation and both latencies."""
     if not validation_passed:
         return False, f"validation failed ({validation_reason}); kept LATEST"
@@ -205,8 +221,10 @@ def decide(validation_passed: bool, validation_reason: str, new_ms: float, lates
         return True, f"validated; no earlier build, published at {new_ms:.3f} ms"
     if new_ms <= latest_ms * (1 + tolerance):
         return True, f"validated and no slower: {new_ms:.3f} ms vs LATEST {latest_ms:.3f} ms"
-    return False, (f"slower than LATEST: {new_ms:.3f} ms vs {latest_ms:.3f} ms "
-                   f"(over the {tolerance:.0%} noise margin); kept LATEST")
+    return False, (
+        f"slower than LATEST: {new_ms:.3f} ms vs {latest_ms:.3f} ms "
+        f"(over the {tolerance:.0%} noise margin); kept LATEST"
+    )
 
 
 def failure_reason(err: BaseException) -> str:
@@ -221,18 +239,35 @@ def summary_rows(outcomes: list[Outcome]) -> list[dict]:
     def ms(v):
         return "–" if v is None else f"{v:.3f}"
 
-    return [{"model": o.model, "device": o.device, "status": o.status, "new_ms": ms(o.new_ms),
-             "latest_ms": ms(o.latest_ms), "trials": o.trials, "budget": o.budget,
-             "build": o.build_id or o.latest_build or "–", "reason": o.reason} for o in outcomes]
+    return [
+        {
+            "model": o.model,
+            "device": o.device,
+            "status": o.status,
+            "new_ms": ms(o.new_ms),
+            "latest_ms": ms(o.latest_ms),
+            "trials": o.trials,
+            "budget": o.budget,
+            "build": o.build_id or o.latest_build or "–",
+            "reason": o.reason,
+        }
+        for o in outcomes
+    ]
 
 
 def summary_markdown(outcomes: list[Outcome], device: str, budget: int) -> str:
-    lines = [f"# tvmflow nightly retune: {device}", "",
-             f"Extra budget {budget} trials per model. Published {sum(o.status == 'published' for o in outcomes)}, "
-             f"kept {sum(o.status == 'kept' for o in outcomes)}, failed {sum(o.status == 'failed' for o in outcomes)}.",
-             "", "| model | precision | status | new ms | LATEST ms | trials | build | reason |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {o.precision or '–'} | {r['status']} | {r['new_ms']} | {r['latest_ms']} | "
-              f"{r['trials']} | {r['build']} | {r['reason'].replace('|', '/')} |"
-              for o, r in zip(outcomes, summary_rows(outcomes))]
+    lines = [
+        f"# tvmflow nightly retune: {device}",
+        "",
+        f"Extra budget {budget} trials per model. Published {sum(o.status == 'published' for o in outcomes)}, "
+        f"kept {sum(o.status == 'kept' for o in outcomes)}, failed {sum(o.status == 'failed' for o in outcomes)}.",
+        "",
+        "| model | precision | status | new ms | LATEST ms | trials | build | reason |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['model']} | {o.precision or '–'} | {r['status']} | {r['new_ms']} | {r['latest_ms']} | "
+        f"{r['trials']} | {r['build']} | {r['reason'].replace('|', '/')} |"
+        for o, r in zip(outcomes, summary_rows(outcomes))
+    ]
     return "\n".join(lines) + "\n"

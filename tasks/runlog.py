@@ -1,4 +1,5 @@
 """The logger a pipeline function writes to: Prefect's run logger inside a run, else `tvmflow`."""
+
 from __future__ import annotations
 
 import logging

@@ -1,5 +1,6 @@
 """Shared fixtures. Real servers only: tracker and rpc servers are real processes on free
 loopback ports, started and stopped here. Keep each fixture small and documented."""
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ bucket, and stops it (its whole process group) at the end. `s3` (per test) puts 
 variables into the environment, the way a user configures s3fs/botocore, and gives a fresh
 `s3://bucket/<test-prefix>` store URI.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,12 @@ class S3Server:
 
     @property
     def env(self) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
     def store(self, name: str = "") -> str:
         return f"s3://{self.bucket}/{name or uuid.uuid4().hex[:10]}"
@@ -43,8 +48,12 @@ class S3Server:
     def fs(self):
         import s3fs
 
-        return s3fs.S3FileSystem(key=self.access_key, secret=self.secret_key, skip_instance_cache=True,
-                                 client_kwargs={"endpoint_url": self.endpoint, "region_name": "us-east-1"})
+        return s3fs.S3FileSystem(
+            key=self.access_key,
+            secret=self.secret_key,
+            skip_instance_cache=True,
+            client_kwargs={"endpoint_url": self.endpoint, "region_name": "us-east-1"},
+        )
 
 
 def _free_ports(count: int) -> list[int]:
@@ -78,20 +87,48 @@ def start_seaweedfs(root: Path) -> S3Server:
     in its own process group under `root`, with a fresh bucket. Stop it with `stop_seaweedfs`."""
     (root / "data").mkdir(parents=True, exist_ok=True)
     config = root / "s3.json"
-    config.write_text(json.dumps({"identities": [{
-        "name": "tvmflow-test", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-        "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "tvmflow-test",
+                        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                    }
+                ]
+            }
+        )
+    )
     master, volume, filer, s3port, admin, debug = _free_ports(6)
-    args = [str(WEED), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3port}",
-            f"-s3.config={config}", "-s3.autoCreateBucket=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            "-webdav=false", "-admin.ui=false", f"-admin.port={admin}", f"-debug.port={debug}",
-            "-master.telemetry=false", "-master.volumeSizeLimitMB=64"]
+    args = [
+        str(WEED),
+        "mini",
+        f"-dir={root / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={master}",
+        f"-volume.port={volume}",
+        f"-filer.port={filer}",
+        f"-s3.port={s3port}",
+        f"-s3.config={config}",
+        "-s3.autoCreateBucket=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-webdav=false",
+        "-admin.ui=false",
+        f"-admin.port={admin}",
+        f"-debug.port={debug}",
+        "-master.telemetry=false",
+        "-master.volumeSizeLimitMB=64",
+    ]
     with open(root / "weed.log", "ab") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=root, start_new_session=True)
-    server = S3Server(endpoint=f"http://127.0.0.1:{s3port}", bucket="tvmflow-" + uuid.uuid4().hex[:8],
-                      data_dir=root, proc=proc)
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=root, start_new_session=True
+        )
+    server = S3Server(
+        endpoint=f"http://127.0.0.1:{s3port}", bucket="tvmflow-" + uuid.uuid4().hex[:8], data_dir=root, proc=proc
+    )
     deadline = time.monotonic() + 90
     while True:
         if proc.poll() is not None:
@@ -102,7 +139,9 @@ def start_seaweedfs(root: Path) -> S3Server:
         except Exception:  # noqa: BLE001 - not up yet
             if time.monotonic() > deadline:
                 _stop(proc)
-                raise RuntimeError("SeaweedFS S3 did not come up:\n" + (root / "weed.log").read_text()[-3000:])
+                raise RuntimeError(
+                    "SeaweedFS S3 did not come up:\n" + (root / "weed.log").read_text()[-3000:]
+                ) from None
             time.sleep(0.5)
 
 
@@ -128,4 +167,3 @@ def s3(s3_server, monkeypatch) -> S3Server:
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
     return s3_server
-

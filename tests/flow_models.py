@@ -1,4 +1,5 @@
 """Tiny model factories for flow tests (`tests.flow_models:NAME`), each with a real defect."""
+
 from __future__ import annotations
 
 import torch

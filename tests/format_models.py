@@ -6,6 +6,7 @@ layout the TFLite converter emits: NHWC activations, OHWI conv weights, and for 
 FLOAT16 weight buffers followed by DEQUANTIZE ops (what `optimizations=[DEFAULT]` +
 `supported_types=[float16]` produces). The LiteRT interpreter runs them, so they are valid.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -72,12 +73,13 @@ class _TFLiteWriter:
         b = self.b
         b.StartVector(1, len(data), 16)  # 16-byte aligned, as TFLite expects for buffers
         b.head = b.head - len(data)
-        b.Bytes[b.head:b.head + len(data)] = data
+        b.Bytes[b.head : b.head + len(data)] = data
         return b.EndVector()
 
     def finish(self, inputs, outputs) -> bytes:
         Buffer, Model, Operator, OperatorCode, SubGraph, Tensor = map(
-            _tfl, ("Buffer", "Model", "Operator", "OperatorCode", "SubGraph", "Tensor"))
+            _tfl, ("Buffer", "Model", "Operator", "OperatorCode", "SubGraph", "Tensor")
+        )
         b = self.b
         buf_offs = []
         for data in self.buffers:
@@ -150,8 +152,17 @@ class _TFLiteWriter:
 
 def tflite_cnn(path: Path, fp16: bool = False, seed: int = 0) -> Path:
     """conv3x3+relu -> depthwise3x3+relu6 -> maxpool2 -> reshape -> dense(10) -> softmax, NHWC."""
-    C, D, F, P, R, S = map(_tfl, ("Conv2DOptions", "DepthwiseConv2DOptions", "FullyConnectedOptions",
-                                  "Pool2DOptions", "ReshapeOptions", "SoftmaxOptions"))
+    C, D, F, P, R, S = map(
+        _tfl,
+        (
+            "Conv2DOptions",
+            "DepthwiseConv2DOptions",
+            "FullyConnectedOptions",
+            "Pool2DOptions",
+            "ReshapeOptions",
+            "SoftmaxOptions",
+        ),
+    )
     from tflite.ActivationFunctionType import ActivationFunctionType as Act
     from tflite.BuiltinOperator import BuiltinOperator as Op
     from tflite.BuiltinOptions import BuiltinOptions as Opt
@@ -174,39 +185,53 @@ def tflite_cnn(path: Path, fp16: bool = False, seed: int = 0) -> Path:
     w.tensors[shape] = (name, shp, 2, buf)  # TensorType.INT32 == 2
 
     def conv_opts(b):
-        C.Conv2DOptionsStart(b); C.Conv2DOptionsAddPadding(b, Padding.SAME)
-        C.Conv2DOptionsAddStrideW(b, 1); C.Conv2DOptionsAddStrideH(b, 1)
+        C.Conv2DOptionsStart(b)
+        C.Conv2DOptionsAddPadding(b, Padding.SAME)
+        C.Conv2DOptionsAddStrideW(b, 1)
+        C.Conv2DOptionsAddStrideH(b, 1)
         C.Conv2DOptionsAddFusedActivationFunction(b, Act.RELU)
-        C.Conv2DOptionsAddDilationWFactor(b, 1); C.Conv2DOptionsAddDilationHFactor(b, 1)
+        C.Conv2DOptionsAddDilationWFactor(b, 1)
+        C.Conv2DOptionsAddDilationHFactor(b, 1)
         return C.Conv2DOptionsEnd(b)
 
     def dw_opts(b):
-        D.DepthwiseConv2DOptionsStart(b); D.DepthwiseConv2DOptionsAddPadding(b, Padding.SAME)
-        D.DepthwiseConv2DOptionsAddStrideW(b, 1); D.DepthwiseConv2DOptionsAddStrideH(b, 1)
+        D.DepthwiseConv2DOptionsStart(b)
+        D.DepthwiseConv2DOptionsAddPadding(b, Padding.SAME)
+        D.DepthwiseConv2DOptionsAddStrideW(b, 1)
+        D.DepthwiseConv2DOptionsAddStrideH(b, 1)
         D.DepthwiseConv2DOptionsAddDepthMultiplier(b, 1)
         D.DepthwiseConv2DOptionsAddFusedActivationFunction(b, Act.RELU6)
-        D.DepthwiseConv2DOptionsAddDilationWFactor(b, 1); D.DepthwiseConv2DOptionsAddDilationHFactor(b, 1)
+        D.DepthwiseConv2DOptionsAddDilationWFactor(b, 1)
+        D.DepthwiseConv2DOptionsAddDilationHFactor(b, 1)
         return D.DepthwiseConv2DOptionsEnd(b)
 
     def pool_opts(b):
-        P.Pool2DOptionsStart(b); P.Pool2DOptionsAddPadding(b, Padding.VALID)
-        P.Pool2DOptionsAddStrideW(b, 2); P.Pool2DOptionsAddStrideH(b, 2)
-        P.Pool2DOptionsAddFilterWidth(b, 2); P.Pool2DOptionsAddFilterHeight(b, 2)
+        P.Pool2DOptionsStart(b)
+        P.Pool2DOptionsAddPadding(b, Padding.VALID)
+        P.Pool2DOptionsAddStrideW(b, 2)
+        P.Pool2DOptionsAddStrideH(b, 2)
+        P.Pool2DOptionsAddFilterWidth(b, 2)
+        P.Pool2DOptionsAddFilterHeight(b, 2)
         P.Pool2DOptionsAddFusedActivationFunction(b, Act.NONE)
         return P.Pool2DOptionsEnd(b)
 
     def reshape_opts(b):
-        R.ReshapeOptionsStartNewShapeVector(b, 2); b.PrependInt32(512); b.PrependInt32(1)
+        R.ReshapeOptionsStartNewShapeVector(b, 2)
+        b.PrependInt32(512)
+        b.PrependInt32(1)
         vec = b.EndVector()
-        R.ReshapeOptionsStart(b); R.ReshapeOptionsAddNewShape(b, vec)
+        R.ReshapeOptionsStart(b)
+        R.ReshapeOptionsAddNewShape(b, vec)
         return R.ReshapeOptionsEnd(b)
 
     def fc_opts(b):
-        F.FullyConnectedOptionsStart(b); F.FullyConnectedOptionsAddFusedActivationFunction(b, Act.NONE)
+        F.FullyConnectedOptionsStart(b)
+        F.FullyConnectedOptionsAddFusedActivationFunction(b, Act.NONE)
         return F.FullyConnectedOptionsEnd(b)
 
     def softmax_opts(b):
-        S.SoftmaxOptionsStart(b); S.SoftmaxOptionsAddBeta(b, 1.0)
+        S.SoftmaxOptionsStart(b)
+        S.SoftmaxOptionsAddBeta(b, 1.0)
         return S.SoftmaxOptionsEnd(b)
 
     w.op(Op.CONV_2D, [x, conv_w, conv_b], [t1], Opt.Conv2DOptions, conv_opts)
@@ -252,10 +277,14 @@ def keras_mobilenet_like(seed: int = 0):
     for layer in model.layers:
         if isinstance(layer, layers.BatchNormalization):
             gamma, beta, mean, var = layer.get_weights()
-            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape).astype("float32"),
-                               rng.normal(0, 0.1, beta.shape).astype("float32"),
-                               rng.normal(0, 0.1, mean.shape).astype("float32"),
-                               rng.uniform(0.5, 1.5, var.shape).astype("float32")])
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, gamma.shape).astype("float32"),
+                    rng.normal(0, 0.1, beta.shape).astype("float32"),
+                    rng.normal(0, 0.1, mean.shape).astype("float32"),
+                    rng.uniform(0.5, 1.5, var.shape).astype("float32"),
+                ]
+            )
     return model
 
 
@@ -274,9 +303,12 @@ def save_keras_variants(model, out_dir: Path) -> dict[str, str]:
     with h5py.File(out_dir / "legacy_weights.h5", "w") as handle:
         legacy_h5_format.save_weights_to_hdf5_group(handle, model)
     model.save_weights(out_dir / "k3.weights.h5")
-    return {"keras": str(out_dir / "full.keras"), "h5": str(out_dir / "full.h5"),
-            "json+legacy_h5": f"{out_dir / 'arch.json'}+{out_dir / 'legacy_weights.h5'}",
-            "json+weights_h5": f"{out_dir / 'arch.json'}+{out_dir / 'k3.weights.h5'}"}
+    return {
+        "keras": str(out_dir / "full.keras"),
+        "h5": str(out_dir / "full.h5"),
+        "json+legacy_h5": f"{out_dir / 'arch.json'}+{out_dir / 'legacy_weights.h5'}",
+        "json+weights_h5": f"{out_dir / 'arch.json'}+{out_dir / 'k3.weights.h5'}",
+    }
 
 
 # ---------------------------------------------------------------- MXNet (in its converter env)
@@ -304,6 +336,10 @@ def mxnet_gluon_cnn(prefix: Path, epoch: int = 3) -> Path:
     """Export a small Gluon CNN as <prefix>-symbol.json + <prefix>-000N.params; returns the symbol path."""
     from tasks.importers.formats.mxnet_import import converter_python
 
-    subprocess.run([str(converter_python()), "-c", _MXNET_SCRIPT, str(prefix), str(epoch)], check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [str(converter_python()), "-c", _MXNET_SCRIPT, str(prefix), str(epoch)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return Path(f"{prefix}-symbol.json")

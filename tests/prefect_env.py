@@ -4,6 +4,7 @@ One server per test process (started on first use, stopped at exit) on a free lo
 with its own PREFECT_HOME (SQLite) and analytics off. test_deployments.py, test_ui.py and
 test_retune.py share it and the finished compile run, so the ~1 min of setup is paid once.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -32,8 +33,9 @@ def free_port() -> int:
 
 def _spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     out = open(log, "ab")
-    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(
+        args, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -54,16 +56,26 @@ class Server:
         self.cache = self.home / "tvmflow-cache"
         # no S3 keys from the test process: a worker gets them only where a test starts it with them
         base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
-        base.update(PREFECT_HOME=str(self.home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                    PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="3", PREFECT_WORKER_QUERY_SECONDS="2",
-                    PREFECT_WORKER_PREFETCH_SECONDS="5", PREFECT_LOGGING_LEVEL="INFO",
-                    TVMFLOW_CACHE=str(self.cache), TVMFLOW_HOME=str(self.home / "tvmflow-home"))
+        base.update(
+            PREFECT_HOME=str(self.home),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="3",
+            PREFECT_WORKER_QUERY_SECONDS="2",
+            PREFECT_WORKER_PREFETCH_SECONDS="5",
+            PREFECT_LOGGING_LEVEL="INFO",
+            TVMFLOW_CACHE=str(self.cache),
+            TVMFLOW_HOME=str(self.home / "tvmflow-home"),
+        )
         self.env = {**base, "PREFECT_API_URL": self.api}
         self.procs: list[subprocess.Popen] = []
         # the UI asks for the API at PREFECT_UI_API_URL (default port 4200, not --port)
-        self.procs.append(_spawn([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                  "--port", str(self.port)], {**base, "PREFECT_UI_API_URL": self.api},
-                                 self.home / "server.log"))
+        self.procs.append(
+            _spawn(
+                [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                {**base, "PREFECT_UI_API_URL": self.api},
+                self.home / "server.log",
+            )
+        )
         # device workers (tracker + 2 rpc servers, key `local`) boot while the server does;
         # runs get `tracker` so each does not pay their start again
         from tasks.devices.workers import start_local_workers
@@ -87,8 +99,14 @@ class Server:
         raise RuntimeError("prefect server did not start:\n" + (self.home / "server.log").read_text()[-3000:])
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        proc = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], env=self.env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [str(BIN / "prefect"), "--no-prompt", *args],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"prefect {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         return proc
@@ -96,9 +114,11 @@ class Server:
     def start_worker(self, queue: str = "local", env: dict | None = None) -> subprocess.Popen:
         """A process worker for one queue of the pool, so a test's worker (its own queue and
         environment, e.g. S3 keys) never takes another test's runs."""
-        worker = _spawn([str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process",
-                         "--work-queue", queue], {**self.env, **(env or {})},
-                        self.home / ("worker.log" if queue == "local" else f"worker-{queue}.log"))
+        worker = _spawn(
+            [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process", "--work-queue", queue],
+            {**self.env, **(env or {})},
+            self.home / ("worker.log" if queue == "local" else f"worker-{queue}.log"),
+        )
         self.procs.append(worker)
         return worker
 
@@ -113,8 +133,12 @@ class Server:
             return json.loads(resp.read())
 
     def post(self, path: str, body: dict):
-        req = urllib.request.Request(f"{self.api}{path}", data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{self.api}{path}",
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=30) as resp:
             return json.loads(resp.read())
 
@@ -141,8 +165,7 @@ class Server:
 
 def compile_parameters(srv: Server, store: str) -> dict:
     """A compile-local run of the tiny MNIST CNN without tuning, on the server's device workers."""
-    return {**MNIST, "device": "local", "trials": 0, "store": store, "measure_untuned": False,
-            "tracker": srv.tracker}
+    return {**MNIST, "device": "local", "trials": 0, "store": store, "measure_untuned": False, "tracker": srv.tracker}
 
 
 def server() -> Server:
@@ -157,8 +180,9 @@ def server() -> Server:
         srv.cli("deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
         srv.start_worker()
         # triggered now, so that the worker runs it while other tests look at the server
-        _STATE["compile_run_id"] = srv.run_deployment("tvmflow-compile", "compile-local",
-                                                      compile_parameters(srv, str(srv.store)))
+        _STATE["compile_run_id"] = srv.run_deployment(
+            "tvmflow-compile", "compile-local", compile_parameters(srv, str(srv.store))
+        )
     return _STATE["server"]
 
 

@@ -23,6 +23,7 @@ Also: no import cycle between modules (KNOWN_CYCLES is the explicit allow-list, 
 nothing in tasks/ imports flows/, and no private name (`_x`) is taken from another module
 (a package's own submodules may use its private helpers).
 """
+
 from __future__ import annotations
 
 import ast
@@ -32,15 +33,28 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("tasks", "flows")
 
 LAYERS: dict[str, int] = {
-    "tasks": 0, "tasks.errors": 0, "tasks.runlog": 0, "tasks.progress": 0,
+    "tasks": 0,
+    "tasks.errors": 0,
+    "tasks.runlog": 0,
+    "tasks.progress": 0,
     "tasks.storage": 1,
-    "tasks.importers": 2, "tasks.precision": 2, "tasks.tuning": 2, "tasks.build": 2, "tasks.devices": 2,
+    "tasks.importers": 2,
+    "tasks.precision": 2,
+    "tasks.tuning": 2,
+    "tasks.build": 2,
+    "tasks.devices": 2,
     "tasks.records": 3,
     "tasks.report": 4,
-    "tasks.pipeline": 5, "tasks.retune": 5,
-    "flows": 6, "flows.fanout": 6, "flows.progress": 6,
+    "tasks.pipeline": 5,
+    "tasks.retune": 5,
+    "flows": 6,
+    "flows.fanout": 6,
+    "flows.progress": 6,
     "flows.stages": 7,
-    "flows.compile": 8, "flows.retune": 8, "flows.retrieve": 8, "flows.serve": 8,
+    "flows.compile": 8,
+    "flows.retune": 8,
+    "flows.retrieve": 8,
+    "flows.serve": 8,
     "flows.cli": 9,
 }
 
@@ -152,14 +166,23 @@ def test_no_import_cycles():
 
 
 def test_tasks_never_import_flows():
-    bad = [f"{m}:{line} imports {t}" for m, edges in GRAPH.items() if m.startswith("tasks")
-           for t, _, line in edges if t.split(".")[0] == "flows"]
+    bad = [
+        f"{m}:{line} imports {t}"
+        for m, edges in GRAPH.items()
+        if m.startswith("tasks")
+        for t, _, line in edges
+        if t.split(".")[0] == "flows"
+    ]
     assert not bad, bad
 
 
 def test_no_import_points_up_the_layers():
-    bad = [f"{m} (layer {layer(m)}):{line} imports {t} (layer {layer(t)})"
-           for m, edges in GRAPH.items() for t, _, line in edges if layer(t) > layer(m)]
+    bad = [
+        f"{m} (layer {layer(m)}):{line} imports {t} (layer {layer(t)})"
+        for m, edges in GRAPH.items()
+        for t, _, line in edges
+        if layer(t) > layer(m)
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -183,9 +206,14 @@ def test_no_private_name_from_another_module():
                     if alias.asname and resolve(alias.name) == alias.name:
                         aliases[alias.asname] = alias.name
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-                    and node.attr.startswith("_") and not node.attr.startswith("__")
-                    and not module.startswith(aliases[node.value.id] + ".")):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and not module.startswith(aliases[node.value.id] + ".")
+            ):
                 bad.append(f"{module}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
     assert not bad, bad
 
@@ -195,8 +223,11 @@ def test_the_checks_can_fail():
     global GRAPH
     saved = GRAPH
     try:
-        GRAPH = {**saved, "tasks.errors": [*saved["tasks.errors"], ("tasks.pipeline", None, 1)],
-                 "tasks.pipeline": [*saved["tasks.pipeline"], ("tasks.errors", None, 1)]}
+        GRAPH = {
+            **saved,
+            "tasks.errors": [*saved["tasks.errors"], ("tasks.pipeline", None, 1)],
+            "tasks.pipeline": [*saved["tasks.pipeline"], ("tasks.errors", None, 1)],
+        }
         assert any({"tasks.errors", "tasks.pipeline"} <= set(c) for c in cycles())
         assert any(layer(t) > layer(m) for m, edges in GRAPH.items() for t, _, _ in edges)
     finally:

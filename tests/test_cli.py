@@ -1,5 +1,6 @@
 """The `tvmflow` command around the pipeline: exit codes, --version, `devices`, `builds` filters,
 unvalidated (build-only) builds, and a quiet terminal whose last line is the error."""
+
 from __future__ import annotations
 
 import io
@@ -21,7 +22,12 @@ PREFECT_LINE = re.compile(r"\|\s*(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*\||tempor
 
 
 def test_exit_codes_per_error_class():
-    assert [exit_code(e) for e in (TvmflowError("x"), GateFailed("x"), Unreachable("x"), ValueError("x"))] == [2, 3, 4, 1]
+    assert [exit_code(e) for e in (TvmflowError("x"), GateFailed("x"), Unreachable("x"), ValueError("x"))] == [
+        2,
+        3,
+        4,
+        1,
+    ]
     assert isinstance(GateFailed("x"), TvmflowError) and isinstance(Unreachable("x"), TvmflowError)
 
 
@@ -50,8 +56,14 @@ def test_devices_shows_workers_registered_now(local_workers, capsys):
     assert re.search(r"^local\s.*\(unreachable\)", table, re.MULTILINE), table
 
 
-def _publish(store: Path, tmp_path: Path, model: str, device: str = "local", build_only: bool = False,
-             build_id: str | None = None) -> str:
+def _publish(
+    store: Path,
+    tmp_path: Path,
+    model: str,
+    device: str = "local",
+    build_only: bool = False,
+    build_id: str | None = None,
+) -> str:
     lib = tmp_path / "model.so"
     lib.write_bytes(os.urandom(64))
     meta = {"precision": "fp32", "latency_ms": 1.5, "validation": {"passed": None if build_only else True}}
@@ -76,18 +88,66 @@ def test_builds_filters_and_unvalidated_builds(tmp_path, capsys):
     assert re.search(rf"^net_a\s+local\s+{unval}\s.*unvalidated$", table, re.MULTILINE), table
     assert "3 build(s)" in table
     # fetch: a build-only build only when asked for
-    assert cli.main(["fetch", "net_a", "--device", "local", "--build", unval, "--store", str(store),
-                     "--out", str(tmp_path / "o1")]) == 2
+    assert (
+        cli.main(
+            [
+                "fetch",
+                "net_a",
+                "--device",
+                "local",
+                "--build",
+                unval,
+                "--store",
+                str(store),
+                "--out",
+                str(tmp_path / "o1"),
+            ]
+        )
+        == 2
+    )
     assert "--allow-unvalidated" in capsys.readouterr().err and not (tmp_path / "o1").exists()
-    assert cli.main(["fetch", "net_a", "--device", "local", "--build", unval, "--store", str(store),
-                     "--out", str(tmp_path / "o2"), "--allow-unvalidated"]) == 0
+    assert (
+        cli.main(
+            [
+                "fetch",
+                "net_a",
+                "--device",
+                "local",
+                "--build",
+                unval,
+                "--store",
+                str(store),
+                "--out",
+                str(tmp_path / "o2"),
+                "--allow-unvalidated",
+            ]
+        )
+        == 0
+    )
     assert "UNVALIDATED" in capsys.readouterr().out and (tmp_path / "o2" / "model.so").exists()
     # a device with build-only builds only: no LATEST; --allow-unvalidated takes the newest
     only = _publish(store, tmp_path, "net_c", device="mali-opencl", build_only=True)
-    assert cli.main(["fetch", "net_c", "--device", "mali-opencl", "--store", str(store), "--out", str(tmp_path / "o3")]) == 2
+    assert (
+        cli.main(["fetch", "net_c", "--device", "mali-opencl", "--store", str(store), "--out", str(tmp_path / "o3")])
+        == 2
+    )
     capsys.readouterr()
-    assert cli.main(["fetch", "net_c", "--device", "mali-opencl", "--store", str(store), "--out", str(tmp_path / "o4"),
-                     "--allow-unvalidated"]) == 0
+    assert (
+        cli.main(
+            [
+                "fetch",
+                "net_c",
+                "--device",
+                "mali-opencl",
+                "--store",
+                str(store),
+                "--out",
+                str(tmp_path / "o4"),
+                "--allow-unvalidated",
+            ]
+        )
+        == 0
+    )
     assert only in capsys.readouterr().out
 
 
@@ -99,10 +159,12 @@ def test_progress_display_summary_from_progress_updates():
     display = Display(stream=stream, live=False).start()
     try:
         progress.update(stage="import", model="mnist_cnn", device="local")
-        progress.update(stage="tune", task=1, of=2, name="conv", trials=4, budget=8, best_ms=2.0,
-                        task_trials=4, task_best_ms=0.5)
-        progress.update(stage="tune", task=2, of=2, name="dense", trials=8, budget=8, best_ms=1.5,
-                        task_best_ms=0.25)  # no task_trials: the run's trials since the last report
+        progress.update(
+            stage="tune", task=1, of=2, name="conv", trials=4, budget=8, best_ms=2.0, task_trials=4, task_best_ms=0.5
+        )
+        progress.update(
+            stage="tune", task=2, of=2, name="dense", trials=8, budget=8, best_ms=1.5, task_best_ms=0.25
+        )  # no task_trials: the run's trials since the last report
         assert "mnist_cnn/local: tune, 2/2 dense, 8/8 trials, best 1.500 ms" in display.line()
         assert progress.fraction(display.fields) == 1.0
         with pytest.raises(TypeError):
@@ -119,14 +181,41 @@ def test_compile_terminal_is_quiet_and_the_error_is_last(tmp_path):
     reaches stderr (they stay in the run's logs) and `error: ...` is the last line."""
     from tasks.devices.workers import free_port
 
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "TVMFLOW_CACHE": str(tmp_path / "cache"),
-           "TVMFLOW_HOME": str(tmp_path / "home")}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "TVMFLOW_CACHE": str(tmp_path / "cache"),
+        "TVMFLOW_HOME": str(tmp_path / "home"),
+    }
     env.pop("PREFECT_API_URL", None)
     env.pop("TVMFLOW_TRACKER", None)
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "compile", "--model", "tasks.importers.bundled:mnist_cnn",
-                           "--data", "bundled:mnist:8", "--trials", "0", "--no-untuned", "--worker-timeout", "5",
-                           "--tracker", f"127.0.0.1:{free_port()}", "--store", str(tmp_path / "store")],
-                          check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "compile",
+            "--model",
+            "tasks.importers.bundled:mnist_cnn",
+            "--data",
+            "bundled:mnist:8",
+            "--trials",
+            "0",
+            "--no-untuned",
+            "--worker-timeout",
+            "5",
+            "--tracker",
+            f"127.0.0.1:{free_port()}",
+            "--store",
+            str(tmp_path / "store"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 4, proc.stderr[-3000:]
     assert lines[-1].startswith("error: ") and "tracker" in lines[-1], lines[-5:]

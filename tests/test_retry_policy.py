@@ -1,5 +1,6 @@
 """Retries and timeouts of device/store steps (tasks/retry_policy.py) on a real Prefect API and a
 real RPC tracker that is killed and restarted on the same port while the flow runs."""
+
 from __future__ import annotations
 
 import subprocess
@@ -30,9 +31,22 @@ def _restart_tracker(workers, down_s: float) -> threading.Thread:
 
     def again():
         time.sleep(down_s)
-        proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
-                                 "--port", str(workers.tracker_port), "--port-end", str(workers.tracker_port + 1)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tvm.exec.rpc_tracker",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(workers.tracker_port),
+                "--port-end",
+                str(workers.tracker_port + 1),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         workers.tracker_pid = proc.pid
 
     thread = threading.Thread(target=again, daemon=True)
@@ -69,7 +83,9 @@ def test_tracker_restarted_mid_run_the_run_still_finishes(prefect_harness, tmp_p
         assert state.is_completed(), state
         assert state.result() == [True, True]
         with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            )
         counts = sorted(r.run_count for r in runs)
         assert len(counts) == 2 and counts[0] == 1 and counts[1] >= 2, counts  # one step retried, then finished
     finally:

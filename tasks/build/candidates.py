@@ -6,6 +6,7 @@ the default schedule (DLight on GPUs, tasks.build.cpu_fallback on CPUs). Each is
 device; the fastest that ran correctly is kept. The choices travel in the build report, so a
 user sees per operator what every backend took and which one won.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -43,13 +44,22 @@ class OperatorChoice:
         return next((c.ms for c in self.candidates if c.backend == self.chosen), None)
 
     def to_json(self) -> dict:
-        return {"operator": self.operator, "chosen": self.chosen, "chosen_ms": self.chosen_ms,
-                "chosen_detail": self.chosen_detail, "candidates": [asdict(c) for c in self.candidates]}
+        return {
+            "operator": self.operator,
+            "chosen": self.chosen,
+            "chosen_ms": self.chosen_ms,
+            "chosen_detail": self.chosen_detail,
+            "candidates": [asdict(c) for c in self.candidates],
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> OperatorChoice:
-        return cls(data["operator"], [Candidate(**c) for c in data.get("candidates", [])],
-                   data.get("chosen", "default"), data.get("chosen_detail"))
+        return cls(
+            data["operator"],
+            [Candidate(**c) for c in data.get("candidates", [])],
+            data.get("chosen", "default"),
+            data.get("chosen_detail"),
+        )
 
 
 def choose(operator: str, candidates: list[Candidate], tie_margin: float = 0.02) -> OperatorChoice:
@@ -68,10 +78,15 @@ def choose(operator: str, candidates: list[Candidate], tie_margin: float = 0.02)
 
 def choices_table(choices: list[OperatorChoice]) -> str:
     """Markdown: one row per operator, one column per backend, the chosen time in bold."""
-    backends = [b for b in ("tuned", "default", *VENDOR_BACKENDS)
-                if any(c.backend == b for ch in choices for c in ch.candidates)]
-    lines = ["| operator | " + " | ".join(f"{b} ms" for b in backends) + " | chosen |",
-             "|---|" + "---|" * len(backends) + "---|"]
+    backends = [
+        b
+        for b in ("tuned", "default", *VENDOR_BACKENDS)
+        if any(c.backend == b for ch in choices for c in ch.candidates)
+    ]
+    lines = [
+        "| operator | " + " | ".join(f"{b} ms" for b in backends) + " | chosen |",
+        "|---|" + "---|" * len(backends) + "---|",
+    ]
     for ch in choices:
         cells = []
         for b in backends:
@@ -87,5 +102,8 @@ def choices_summary(choices: list[OperatorChoice]) -> dict:
     won: dict[str, int] = {}
     for ch in choices:
         won[ch.chosen] = won.get(ch.chosen, 0) + 1
-    return {"operators": len(choices), "won": won,
-            "chosen_ms_total": round(sum(ch.chosen_ms or 0.0 for ch in choices), 4)}
+    return {
+        "operators": len(choices),
+        "won": won,
+        "chosen_ms_total": round(sum(ch.chosen_ms or 0.0 for ch in choices), 4),
+    }

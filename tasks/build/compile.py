@@ -1,4 +1,5 @@
 """Compile a Relax module for a device target, with a tuning database, and export the library."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -10,6 +10,7 @@ innermost spatial loop of element-wise blocks, and, for reductions (convs, matmu
 spatial loop inside the reduction and vectorize it. Every step is a semantics-preserving schedule
 primitive; a step TVM refuses is skipped, so the worst case is the plain lowering.
 """
+
 from __future__ import annotations
 
 VECTOR_LANES = 8  # float32 lanes of AVX2; wider ISAs still gain from the parallel loop

@@ -13,6 +13,7 @@ The library (and libdnnl's own dependencies: TBB, the Intel compiler runtime, SY
 OpenCL CPU runtime, ~300 MB: the PyPI build runs its CPU engine on SYCL) must be loaded into the process that runs the model: `load_library()` does it; a missing library is a
 one-line TvmflowError saying how to build it.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -29,15 +30,27 @@ def _constant_type():
 
     return Constant
 
+
 ROOT = Path(__file__).resolve().parents[2]
 NATIVE_DIR = ROOT / "artifacts" / "native"  # scripts/build-cpu-contrib.sh writes here
 # backend -> (library file, packed-function prefix)
 BACKENDS = {"dnnl": ("libtvmflow_dnnl.so", "tvmflow.dnnl"), "cblas": ("libtvmflow_cblas.so", "tvmflow.cblas")}
 # The PyPI oneDNN is built for the SYCL CPU runtime: libdnnl.so.3 needs these (no RUNPATH of its
 # own), the OpenCL CPU runtime (libintelocl.so, which loads its compiler libcommon_clang) among them.
-DNNL_DEPS = ("libintlc.so.5", "libsvml.so", "libimf.so", "libirng.so", "libhwloc.so.15", "libtcm.so.1",
-             "libtbb.so.12", "libtbbmalloc.so.2", "libumf.so.1", "libOpenCL.so.1", "libsycl.so.9",
-             "libdnnl.so.3")
+DNNL_DEPS = (
+    "libintlc.so.5",
+    "libsvml.so",
+    "libimf.so",
+    "libirng.so",
+    "libhwloc.so.15",
+    "libtcm.so.1",
+    "libtbb.so.12",
+    "libtbbmalloc.so.2",
+    "libumf.so.1",
+    "libOpenCL.so.1",
+    "libsycl.so.9",
+    "libdnnl.so.3",
+)
 POST_OPS = {None: 0, "relu": 1, "relu6": 2}
 
 _LOADED: dict = {}
@@ -60,8 +73,10 @@ def dnnl_lib_dir() -> Path | None:
 def _load_dnnl_runtime() -> None:
     libdir = dnnl_lib_dir()
     if libdir is None:
-        raise TvmflowError("oneDNN is not installed: pip install 'tvmflow[onednn]' (or onednn onednn-devel), "
-                           "or set TVMFLOW_DNNL_LIBDIR to the folder holding libdnnl.so.3")
+        raise TvmflowError(
+            "oneDNN is not installed: pip install 'tvmflow[onednn]' (or onednn onednn-devel), "
+            "or set TVMFLOW_DNNL_LIBDIR to the folder holding libdnnl.so.3"
+        )
     ocl = libdir / "libintelocl.so"
     if ocl.exists():  # the SYCL CPU device: OpenCL's ICD loader reads this before its first call
         os.environ.setdefault("OCL_ICD_FILENAMES", str(ocl))
@@ -88,7 +103,9 @@ def load_library(backend: str = "dnnl") -> Path:
 
             ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), "libscipy_openblas.so"), mode=ctypes.RTLD_GLOBAL)
         except ImportError as err:
-            raise TvmflowError("OpenBLAS is not installed: pip install scipy-openblas32 (a tvmflow dependency)") from err
+            raise TvmflowError(
+                "OpenBLAS is not installed: pip install scipy-openblas32 (a tvmflow dependency)"
+            ) from err
     ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
     _LOADED[backend] = lib
     return lib
@@ -168,11 +185,16 @@ def _conv_ok(call) -> bool:
 
     attrs = call.attrs
     layouts = {("NCHW", "OIHW"), ("NHWC", "OHWI")}
-    return (isinstance(call.args[1], Constant) and _dtype(call.args[0]) == "float32"
-            and _dtype(call.args[1]) == "float32" and (attrs.data_layout, attrs.kernel_layout) in layouts
-            and (attrs.out_layout or attrs.data_layout) == attrs.data_layout
-            and attrs.out_dtype in ("", "float32", None) and _shape(call) is not None
-            and _shape(call.args[0]) is not None)
+    return (
+        isinstance(call.args[1], Constant)
+        and _dtype(call.args[0]) == "float32"
+        and _dtype(call.args[1]) == "float32"
+        and (attrs.data_layout, attrs.kernel_layout) in layouts
+        and (attrs.out_layout or attrs.data_layout) == attrs.data_layout
+        and attrs.out_dtype in ("", "float32", None)
+        and _shape(call) is not None
+        and _shape(call.args[0]) is not None
+    )
 
 
 def _matmul_ok(call) -> bool:
@@ -180,8 +202,15 @@ def _matmul_ok(call) -> bool:
 
     a, w = call.args
     sa, sw = _shape(a), _shape(w)
-    return (isinstance(w, Constant) and _dtype(a) == "float32" and _dtype(w) == "float32"
-            and sa is not None and sw is not None and len(sa) == 2 and len(sw) == 2)
+    return (
+        isinstance(w, Constant)
+        and _dtype(a) == "float32"
+        and _dtype(w) == "float32"
+        and sa is not None
+        and sw is not None
+        and len(sa) == 2
+        and len(sw) == 2
+    )
 
 
 def _per_channel_bias(const, channels: int, axis: int, rank: int):
@@ -225,7 +254,7 @@ def offload(mod, target=None, only: set | None = None, backend: str = "dnnl") ->
                     bindings[b.var] = b.value
                     order.append(b.var)
                     for arg in getattr(b.value, "args", []) or []:
-                        for v in (arg.fields if isinstance(arg, relax.Tuple) else [arg]):
+                        for v in arg.fields if isinstance(arg, relax.Tuple) else [arg]:
                             if isinstance(v, relax.Var):
                                 uses[v] = uses.get(v, 0) + 1
         for v in relax.analysis.free_vars(func.body.body) if hasattr(func.body, "body") else []:
@@ -239,8 +268,12 @@ def offload(mod, target=None, only: set | None = None, backend: str = "dnnl") ->
                 return None
             for other in order:
                 value = bindings[other]
-                if (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)
-                        and value.op.name in op_name and any(a.same_as(var) for a in value.args)):
+                if (
+                    isinstance(value, relax.Call)
+                    and isinstance(value.op, tvm.ir.Op)
+                    and value.op.name in op_name
+                    and any(a.same_as(var) for a in value.args)
+                ):
                     return other
             return None
 
@@ -283,8 +316,10 @@ def offload(mod, target=None, only: set | None = None, backend: str = "dnnl") ->
                 a = call.attrs
                 w = _shape(call.args[1])
                 kernel = w[1:3] if a.data_layout == "NHWC" else w[2:4]
-                desc = (f"{'x'.join(map(str, x_shape))} -> {'x'.join(map(str, out_shape))} "
-                        f"k{'x'.join(map(str, kernel))} s{int(a.strides[0])} g{int(a.groups)} {a.data_layout}")
+                desc = (
+                    f"{'x'.join(map(str, x_shape))} -> {'x'.join(map(str, out_shape))} "
+                    f"k{'x'.join(map(str, kernel))} s{int(a.strides[0])} g{int(a.groups)} {a.data_layout}"
+                )
             else:
                 desc = f"{'x'.join(map(str, x_shape))} @ {'x'.join(map(str, _shape(call.args[1])))}"
             op = VendorOp(op_id, kind, desc, post, tuple(out_shape), tuple(_shape(call.args[1])))
@@ -320,13 +355,29 @@ def offload(mod, target=None, only: set | None = None, backend: str = "dnnl") ->
                 a = call.attrs
                 pad = _ints(a.padding)
                 pad = pad * 2 if len(pad) == 2 else pad
-                args = [x, call.args[1], bias_c, prim(a.strides[0]), prim(a.strides[1]), prim(pad[0]),
-                        prim(pad[1]), prim(pad[2]), prim(pad[3]), prim(a.dilation[0]), prim(a.dilation[1]),
-                        prim(a.groups), prim(a.data_layout == "NHWC"), prim(POST_OPS[post])]
+                args = [
+                    x,
+                    call.args[1],
+                    bias_c,
+                    prim(a.strides[0]),
+                    prim(a.strides[1]),
+                    prim(pad[0]),
+                    prim(pad[1]),
+                    prim(pad[2]),
+                    prim(pad[3]),
+                    prim(a.dilation[0]),
+                    prim(a.dilation[1]),
+                    prim(a.groups),
+                    prim(a.data_layout == "NHWC"),
+                    prim(POST_OPS[post]),
+                ]
                 new = relax.call_dps_packed(relax.ExternFunc(f"{prefix}.conv2d"), relax.Tuple(args), out)
             else:
-                new = relax.call_dps_packed(relax.ExternFunc(f"{prefix}.matmul"),
-                                            relax.Tuple([x, call.args[1], bias_c, prim(POST_OPS[post])]), out)
+                new = relax.call_dps_packed(
+                    relax.ExternFunc(f"{prefix}.matmul"),
+                    relax.Tuple([x, call.args[1], bias_c, prim(POST_OPS[post])]),
+                    out,
+                )
             self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(new)))
             result.ops.append(op)
 
@@ -431,8 +482,9 @@ def operator_times(calls) -> dict[tuple, tuple[float, str]]:
     return out
 
 
-def vendor_choices(tir_calls, vendor_calls, vendor: str, ops: list, tuned_names: set[str] | None = None,
-                   default_calls=None):
+def vendor_choices(
+    tir_calls, vendor_calls, vendor: str, ops: list, tuned_names: set[str] | None = None, default_calls=None
+):
     """list[OperatorChoice], one per layer of `ops` (offload(...).candidates, graph order):
     the TIR build's kernel (tuned when its name is in `tuned_names`; `default_calls`, a build
     without database, then gives the default candidate) against the vendor build's call."""
@@ -448,8 +500,11 @@ def vendor_choices(tir_calls, vendor_calls, vendor: str, ops: list, tuned_names:
         cands = []
         us, kernel = tir.get(key, (None, "?"))
         if tuned_names is not None:
-            cands.append(Candidate("tuned", us / 1000) if us is not None and kernel in tuned_names
-                         else Candidate("tuned", None, "no tuning record"))
+            cands.append(
+                Candidate("tuned", us / 1000)
+                if us is not None and kernel in tuned_names
+                else Candidate("tuned", None, "no tuning record")
+            )
             if dflt and key in dflt:
                 cands.append(Candidate("default", dflt[key][0] / 1000))
         else:

@@ -14,6 +14,7 @@ A published build that uses extern kernels needs that library on the device: `ru
 names each library with its sha256, `verify_runtime_libraries` checks a fetched copy before
 `load_runtime_libraries` loads it.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -31,8 +32,10 @@ from pathlib import Path
 from tasks.errors import TvmflowError
 
 VENDORS = ("cudnn", "cublas")
-SOURCES = {"cudnn": ("cudnn/conv_forward.cc", "cudnn/cudnn_utils.cc"),
-           "cublas": ("cublas/cublas.cc", "cublas/cublas_utils.cc")}
+SOURCES = {
+    "cudnn": ("cudnn/conv_forward.cc", "cudnn/cudnn_utils.cc"),
+    "cublas": ("cublas/cublas.cc", "cublas/cublas_utils.cc"),
+}
 HEADERS = {"cudnn": "cudnn.h", "cublas": "cublas_v2.h", "cudart": "cuda_runtime.h"}
 LIBRARIES = {"cudnn": ("cudnn",), "cublas": ("cublas", "cublasLt"), "cudart": ("cudart",)}
 GLOBALS = {"cudnn": "tvm.contrib.cudnn.conv2d.forward", "cublas": "tvm.contrib.cublas.matmul"}
@@ -44,6 +47,7 @@ IMPLICIT_PRECOMP_GEMM = 1  # always applicable, also in NHWC; the fallback when 
 
 
 # ---------------------------------------------------------------- building the contrib library
+
 
 def contrib_source_dir() -> Path:
     import tvm
@@ -78,8 +82,10 @@ def find_cuda_paths(vendors=VENDORS) -> CudaPaths:
         header = HEADERS[need]
         found = next((str(r / "include") for r in _search_roots() if (r / "include" / header).is_file()), None)
         if found is None:
-            raise TvmflowError(f"{header} not found (searched CUDA_HOME, /usr/local/cuda, site-packages/nvidia/*): "
-                               f"install the {need} headers or set TVMFLOW_CUDA_ROOTS")
+            raise TvmflowError(
+                f"{header} not found (searched CUDA_HOME, /usr/local/cuda, site-packages/nvidia/*): "
+                f"install the {need} headers or set TVMFLOW_CUDA_ROOTS"
+            )
         if found not in include:
             include.append(found)
         for stem in LIBRARIES[need]:
@@ -108,8 +114,9 @@ def _tvm_dirs() -> tuple[list[str], list[str]]:
     return [str(tvm_dir / "include"), str(ffi_dir / "include")], [str(tvm_dir / "lib"), str(ffi_dir / "lib")]
 
 
-def compile_commands(build_dir: Path, vendors=VENDORS, paths: CudaPaths | None = None,
-                     cxx: str | None = None) -> tuple[list[list[str]], list[str]]:
+def compile_commands(
+    build_dir: Path, vendors=VENDORS, paths: CudaPaths | None = None, cxx: str | None = None
+) -> tuple[list[list[str]], list[str]]:
     """The compiler commands (one per source, then the link) that build LIBRARY_NAME in build_dir."""
     paths = paths or find_cuda_paths(vendors)
     cxx = cxx or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "c++"
@@ -122,10 +129,10 @@ def compile_commands(build_dir: Path, vendors=VENDORS, paths: CudaPaths | None =
     deep.mkdir(parents=True, exist_ok=True)
     (stub / "3rdparty" / "compiler-rt").mkdir(parents=True, exist_ok=True)
     (stub / "3rdparty" / "compiler-rt" / "builtin_fp16.h").write_text(
-        "/* empty: TVM's cublas.cc includes this path but uses nothing from it */\n")
+        "/* empty: TVM's cublas.cc includes this path but uses nothing from it */\n"
+    )
     tvm_inc, tvm_lib = _tvm_dirs()
-    flags = ["-O2", "-std=c++17", "-fPIC", "-DNDEBUG", *(f"-I{p}" for p in (*tvm_inc, *paths.include)),
-             f"-I{deep}"]
+    flags = ["-O2", "-std=c++17", "-fPIC", "-DNDEBUG", *(f"-I{p}" for p in (*tvm_inc, *paths.include)), f"-I{deep}"]
     compiles, objects = [], []
     for vendor in vendors:
         for rel in SOURCES[vendor]:
@@ -133,10 +140,18 @@ def compile_commands(build_dir: Path, vendors=VENDORS, paths: CudaPaths | None =
             compiles.append([cxx, *flags, "-c", str(src / rel), "-o", str(obj)])
             objects.append(str(obj))
     stems = [s for v in ("cudart", *vendors) for s in LIBRARIES[v]]
-    link = [cxx, "-shared", "-o", str(build_dir / LIBRARY_NAME), *objects,
-            *(f"-L{d}" for d in (*tvm_lib, *paths.lib)), "-ltvm_runtime", "-ltvm_ffi",
-            *(f"-l:{paths.libs[s]}" for s in stems),
-            *(f"-Wl,-rpath,{d}" for d in (*tvm_lib, *paths.lib))]
+    link = [
+        cxx,
+        "-shared",
+        "-o",
+        str(build_dir / LIBRARY_NAME),
+        *objects,
+        *(f"-L{d}" for d in (*tvm_lib, *paths.lib)),
+        "-ltvm_runtime",
+        "-ltvm_ffi",
+        *(f"-l:{paths.libs[s]}" for s in stems),
+        *(f"-Wl,-rpath,{d}" for d in (*tvm_lib, *paths.lib)),
+    ]
     return compiles, link
 
 
@@ -162,6 +177,7 @@ def build_contrib(build_dir, vendors=VENDORS, jobs: int = 0, log=print) -> Path:
 
 # ---------------------------------------------------------------- loading it
 
+
 def load_contrib(path) -> list[str]:
     """Load a contrib library into this process; returns the vendors whose functions it registered."""
     ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
@@ -175,6 +191,7 @@ def available_vendors() -> list[str]:
 
 
 # ---------------------------------------------------------------- manifest of extra runtime libraries
+
 
 def sha256_of(path) -> str:
     digest = hashlib.sha256()
@@ -198,8 +215,10 @@ class RuntimeLibrary:
 def runtime_manifest(paths, vendors=VENDORS) -> list[dict]:
     """The manifest entries for the given libraries (what a published build records)."""
     needs = sorted({f"lib{s}" for v in ("cudart", *vendors) for s in LIBRARIES[v]})
-    return [asdict(RuntimeLibrary(Path(p).name, sha256_of(p), Path(p).stat().st_size,
-                                  [GLOBALS[v] for v in vendors], needs)) for p in paths]
+    return [
+        asdict(RuntimeLibrary(Path(p).name, sha256_of(p), Path(p).stat().st_size, [GLOBALS[v] for v in vendors], needs))
+        for p in paths
+    ]
 
 
 def used_globals(executable_or_source: str) -> list[str]:
@@ -222,8 +241,10 @@ def verify_runtime_libraries(manifest: list[dict], directory) -> list[Path]:
             raise TvmflowError(f"runtime library {entry['name']} missing in {directory}: fetch the build again")
         digest = sha256_of(path)
         if digest != entry["sha256"]:
-            raise TvmflowError(f"runtime library {entry['name']} has sha256 {digest[:12]}..., the build recorded "
-                               f"{entry['sha256'][:12]}...: fetch it again (or rebuild the build on this host)")
+            raise TvmflowError(
+                f"runtime library {entry['name']} has sha256 {digest[:12]}..., the build recorded "
+                f"{entry['sha256'][:12]}...: fetch it again (or rebuild the build on this host)"
+            )
         found.append(path)
     return found
 
@@ -236,6 +257,7 @@ def load_runtime_libraries(manifest: list[dict], directory) -> list[str]:
 
 
 # ---------------------------------------------------------------- operators and their extern forms
+
 
 @dataclass(frozen=True)
 class ConvSpec:
@@ -255,8 +277,10 @@ class ConvSpec:
     @property
     def key(self) -> str:
         dims = lambda t: "x".join(map(str, t))  # noqa: E731
-        return (f"conv2d_{self.data_layout}_{dims(self.data)}_w{dims(self.weight)}_s{dims(self.strides)}"
-                f"_p{dims(self.padding)}_d{dims(self.dilation)}_g{self.groups}_{self.dtype}_{self.out_dtype}")
+        return (
+            f"conv2d_{self.data_layout}_{dims(self.data)}_w{dims(self.weight)}_s{dims(self.strides)}"
+            f"_p{dims(self.padding)}_d{dims(self.dilation)}_g{self.groups}_{self.dtype}_{self.out_dtype}"
+        )
 
     @property
     def depthwise(self) -> bool:
@@ -323,9 +347,18 @@ def op_spec(call):
     if name == "relax.matmul":
         return MatmulSpec(lhs, rhs, dtype, out_dtype)
     a = call.attrs
-    return ConvSpec(lhs, rhs, tuple(int(x) for x in a.strides), tuple(int(x) for x in a.padding),
-                    tuple(int(x) for x in a.dilation), int(a.groups), str(a.data_layout), str(a.kernel_layout),
-                    dtype, out_dtype)
+    return ConvSpec(
+        lhs,
+        rhs,
+        tuple(int(x) for x in a.strides),
+        tuple(int(x) for x in a.padding),
+        tuple(int(x) for x in a.dilation),
+        int(a.groups),
+        str(a.data_layout),
+        str(a.kernel_layout),
+        dtype,
+        out_dtype,
+    )
 
 
 def collect_specs(mod) -> dict:
@@ -354,8 +387,19 @@ def cudnn_conv_te(spec: ConvSpec, x, w, algo: int):
     from tvm.contrib import cudnn
 
     fmt = CUDNN_NHWC if spec.data_layout == "NHWC" else CUDNN_NCHW
-    return cudnn.conv_forward(x, w, [spec.padding[0], spec.padding[1]], list(spec.strides), list(spec.dilation),
-                              CUDNN_CROSS_CORRELATION, fmt, algo, "float32", groups=spec.groups, verbose=False)
+    return cudnn.conv_forward(
+        x,
+        w,
+        [spec.padding[0], spec.padding[1]],
+        list(spec.strides),
+        list(spec.dilation),
+        CUDNN_CROSS_CORRELATION,
+        fmt,
+        algo,
+        "float32",
+        groups=spec.groups,
+        verbose=False,
+    )
 
 
 def cublas_matmul_te(spec: MatmulSpec, a, b):
@@ -369,12 +413,32 @@ def find_cudnn_algo(spec: ConvSpec) -> int:
     from tvm.contrib import cudnn
 
     fmt = CUDNN_NHWC if spec.data_layout == "NHWC" else CUDNN_NCHW
-    out = cudnn.conv_output_shape(fmt, [spec.padding[0], spec.padding[1]], list(spec.strides),
-                                  list(spec.dilation), list(spec.data), list(spec.weight), spec.dtype,
-                                  "float32", spec.groups)
-    return int(cudnn.conv_forward_find_algo(fmt, [spec.padding[0], spec.padding[1]], list(spec.strides),
-                                            list(spec.dilation), list(spec.data), list(spec.weight), out,
-                                            spec.dtype, "float32", spec.groups, False))
+    out = cudnn.conv_output_shape(
+        fmt,
+        [spec.padding[0], spec.padding[1]],
+        list(spec.strides),
+        list(spec.dilation),
+        list(spec.data),
+        list(spec.weight),
+        spec.dtype,
+        "float32",
+        spec.groups,
+    )
+    return int(
+        cudnn.conv_forward_find_algo(
+            fmt,
+            [spec.padding[0], spec.padding[1]],
+            list(spec.strides),
+            list(spec.dilation),
+            list(spec.data),
+            list(spec.weight),
+            out,
+            spec.dtype,
+            "float32",
+            spec.groups,
+            False,
+        )
+    )
 
 
 def vendor_prim_func(spec, algo: int = IMPLICIT_PRECOMP_GEMM):
@@ -411,22 +475,39 @@ def vendor_legalize_map(choose, algos: dict | None = None) -> dict:
         spec = op_spec(call)
         pick = choose(spec) if spec is not None else None
         if pick == "cudnn" and spec.vendor_ok is None:
-            out = bb.call_te(lambda x, w: cudnn_conv_te(spec, x, w, algos.get(spec.key, IMPLICIT_PRECOMP_GEMM)),
-                             call.args[0], call.args[1], primfunc_name_hint="cudnn_conv2d")
+            out = bb.call_te(
+                lambda x, w: cudnn_conv_te(spec, x, w, algos.get(spec.key, IMPLICIT_PRECOMP_GEMM)),
+                call.args[0],
+                call.args[1],
+                primfunc_name_hint="cudnn_conv2d",
+            )
             return cast_back(bb, out, spec)
         if isinstance(pick, str) and pick.startswith("tir:"):
             a = call.attrs
-            return bb.call_te(topi.nn.conv, inp=call.args[0], filt=call.args[1], stride=a.strides,
-                              padding=a.padding, dilation=a.dilation, groups=a.groups, data_layout=a.data_layout,
-                              kernel_layout=a.kernel_layout, out_dtype=a.out_dtype or None,
-                              primfunc_name_hint=pick[4:])
+            return bb.call_te(
+                topi.nn.conv,
+                inp=call.args[0],
+                filt=call.args[1],
+                stride=a.strides,
+                padding=a.padding,
+                dilation=a.dilation,
+                groups=a.groups,
+                data_layout=a.data_layout,
+                kernel_layout=a.kernel_layout,
+                out_dtype=a.out_dtype or None,
+                primfunc_name_hint=pick[4:],
+            )
         return default["relax.nn.conv2d"](bb, call)
 
     def matmul(bb, call):
         spec = op_spec(call)
         if spec is not None and choose(spec) == "cublas" and spec.vendor_ok is None:
-            return bb.call_te(lambda a, b: cublas_matmul_te(spec, a, b), call.args[0], call.args[1],
-                              primfunc_name_hint="cublas_matmul")
+            return bb.call_te(
+                lambda a, b: cublas_matmul_te(spec, a, b),
+                call.args[0],
+                call.args[1],
+                primfunc_name_hint="cublas_matmul",
+            )
         return default["relax.matmul"](bb, call)
 
     return {"relax.nn.conv2d": conv2d, "relax.matmul": matmul}

@@ -11,6 +11,7 @@ Why not tasks.build.compile.compile_module: on GPU three things differ (measured
 3. Untuned kernels need a GPU schedule at all (thread bindings): DLight's default rules.
 Nothing here imports Prefect: bench/gpu_bench.py runs it on a GPU machine with carried wheels.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,12 @@ from tasks.tuning.extract import fuse_passes
 
 # What MetaSchedule's CUDA rules read off the target (it refuses to tune without them). 48 KiB is
 # the shared memory a block gets without opting in; every arch from sm_70 on has the rest.
-CUDA_LIMITS = {"max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
-               "thread_warp_size": 32, "registers_per_block": 65536}
+CUDA_LIMITS = {
+    "max_shared_memory_per_block": 49152,
+    "max_threads_per_block": 1024,
+    "thread_warp_size": 32,
+    "registers_per_block": 65536,
+}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 CUDA_NAME = re.compile(r"^cuda-(sm_\d+a?)$")
 GPU_KINDS = ("cuda", "nvptx", "rocm", "opencl", "vulkan", "metal", "webgpu")
@@ -49,8 +54,13 @@ def derive_cuda_profile(name: str, fleet: dict):
     if not match or "cuda" not in fleet:
         return None
     base = fleet["cuda"]
-    return dataclasses.replace(base, name=name, rpc_key=name, target={**base.target, "arch": match.group(1)},
-                               description=f"NVIDIA GPU {match.group(1)} (derived from the cuda profile)")
+    return dataclasses.replace(
+        base,
+        name=name,
+        rpc_key=name,
+        target={**base.target, "arch": match.group(1)},
+        description=f"NVIDIA GPU {match.group(1)} (derived from the cuda profile)",
+    )
 
 
 def dlight_rules():
@@ -119,8 +129,9 @@ def prepare_gpu(mod, target):
 def build_context(cuda_graph: bool = False):
     import tvm
 
-    return tvm.transform.PassContext(opt_level=3, config={**BUILD_CONFIG,
-                                                          "relax.backend.use_cuda_graph": bool(cuda_graph)})
+    return tvm.transform.PassContext(
+        opt_level=3, config={**BUILD_CONFIG, "relax.backend.use_cuda_graph": bool(cuda_graph)}
+    )
 
 
 def clip_to_minmax(mod):
@@ -139,8 +150,9 @@ def clip_to_minmax(mod):
         if not all(isinstance(b, (int, float)) for b in bounds):
             return expr
         dtype = str((getattr(x, "ty", None) or x.struct_info).dtype)
-        return relax.op.minimum(relax.op.maximum(x, relax.const(float(bounds[0]), dtype)),
-                                relax.const(float(bounds[1]), dtype))
+        return relax.op.minimum(
+            relax.op.maximum(x, relax.const(float(bounds[0]), dtype)), relax.const(float(bounds[1]), dtype)
+        )
 
     for g_var, func in list(mod.functions_items()):
         if isinstance(func, relax.Function):
@@ -174,8 +186,9 @@ def compile_prepared(prepared_mod, target, database=None, cuda_graph: bool = Fal
         mod = tvm.transform.Sequential(fuse_passes(target))(mod)  # a no-op after prepare_for_tuning
         mod = relax.transform.MetaScheduleApplyDatabase()(mod)
         mod = apply_dlight(mod, target)
-        return tvm.transform.Sequential(_backend_passes(target, "dataflow_lower_passes")
-                                        + _backend_passes(target, "finalize_passes"))(mod)
+        return tvm.transform.Sequential(
+            _backend_passes(target, "dataflow_lower_passes") + _backend_passes(target, "finalize_passes")
+        )(mod)
 
     with target, database, build_context(cuda_graph):
         return relax.build(prepared_mod, target=target, relax_pipeline=pipeline)
@@ -221,6 +234,7 @@ def generated_source(executable) -> dict[str, str]:
 
 # ---------------------------------------------------------------- tuning on a local GPU
 
+
 def cuda_build(mod, target, _params):
     """MetaSchedule builder: the default build (minus its tensor_intrin import) under BUILD_CONFIG."""
     import tvm
@@ -261,8 +275,10 @@ def tune_on_gpu(tasks, target: dict, db_dir, deadline: float, per_iter: int = 32
     state = _state(db_dir)
     workers = int(os.environ.get("TVMFLOW_GPU_BUILD_WORKERS", 0)) or os.cpu_count() or 2
     builder = ms.builder.LocalBuilder(max_workers=workers, timeout_sec=120, f_build=cuda_build)
-    runner = ms.runner.LocalRunner(timeout_sec=30, evaluator_config=ms.runner.EvaluatorConfig(
-        number=5, repeat=1, min_repeat_ms=10, enable_cpu_cache_flush=False))
+    runner = ms.runner.LocalRunner(
+        timeout_sec=30,
+        evaluator_config=ms.runner.EvaluatorConfig(number=5, repeat=1, min_repeat_ms=10, enable_cpu_cache_flush=False),
+    )
     secs_per_trial, done = 3.0, []
     for task in tasks:
         mod = tvm.ir.load_json(task.mod_json)
@@ -283,28 +299,56 @@ def tune_on_gpu(tasks, target: dict, db_dir, deadline: float, per_iter: int = 32
             for b, r in zip(built, ran):
                 secs = [float(s) for s in (r.run_secs or [])]
                 if not (b.error_msg or r.error_msg) and secs and min(secs) < INVALID_SECS:
-                    best[1] += 1
+                    best[1] += 1  # noqa: B023
                     ms_ = 1000 * sum(secs) / len(secs)
-                    best[0] = ms_ if best[0] is None else min(best[0], ms_)
-        ctx = ms.TuneContext(mod=mod, target=tvm.target.Target(target), space_generator="post-order-apply",
-                             search_strategy="evolutionary", task_name=task.name, num_threads=workers)
+                    best[0] = ms_ if best[0] is None else min(best[0], ms_)  # noqa: B023
+
+        ctx = ms.TuneContext(
+            mod=mod,
+            target=tvm.target.Target(target),
+            space_generator="post-order-apply",
+            search_strategy="evolutionary",
+            task_name=task.name,
+            num_threads=workers,
+        )
         work = db_dir / "logs" / key
         work.mkdir(parents=True, exist_ok=True)
-        ms.tune_tasks(tasks=[ctx], task_weights=[1.0], work_dir=str(work), max_trials_global=trials,
-                      num_trials_per_iter=per_iter, builder=builder, runner=runner, database=database,
-                      cost_model=ms.cost_model.XGBModel(num_tuning_cores=workers),
-                      measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
-                                         _callback(progress)])
+        ms.tune_tasks(
+            tasks=[ctx],
+            task_weights=[1.0],
+            work_dir=str(work),
+            max_trials_global=trials,
+            num_trials_per_iter=per_iter,
+            builder=builder,
+            runner=runner,
+            database=database,
+            cost_model=ms.cost_model.XGBModel(num_tuning_cores=workers),
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _callback(progress)],
+        )
         seconds = time.monotonic() - started
         secs_per_trial = max(seconds / trials, 0.5)
-        state[key] = {"name": task.name, "trials": had + trials,
-                      "best_ms": min(x for x in (best[0], state.get(key, {}).get("best_ms")) if x is not None)
-                      if best[0] is not None or state.get(key, {}).get("best_ms") else None}
+        state[key] = {
+            "name": task.name,
+            "trials": had + trials,
+            "best_ms": min(x for x in (best[0], state.get(key, {}).get("best_ms")) if x is not None)
+            if best[0] is not None or state.get(key, {}).get("best_ms")
+            else None,
+        }
         (db_dir / "tune_state.json").write_text(json.dumps(state, indent=1))
-        done.append({"task": task.name, "workload": key, "trials": trials, "valid": best[1],
-                     "best_ms": best[0], "seconds": round(seconds, 1)})
-        report(f"tune: {task.name} {trials} trials ({best[1]} valid) in {seconds:.0f} s, best "
-               f"{best[0] if best[0] is None else round(best[0], 4)} ms")
+        done.append(
+            {
+                "task": task.name,
+                "workload": key,
+                "trials": trials,
+                "valid": best[1],
+                "best_ms": best[0],
+                "seconds": round(seconds, 1),
+            }
+        )
+        report(
+            f"tune: {task.name} {trials} trials ({best[1]} valid) in {seconds:.0f} s, best "
+            f"{best[0] if best[0] is None else round(best[0], 4)} ms"
+        )
     return done
 
 
@@ -322,6 +366,7 @@ def _callback(fn):
 
 # ---------------------------------------------------------------- keep a record only if it wins
 
+
 def time_prim_module(mod, target, dev, number: int = 20, repeat: int = 5) -> float:
     """Median ms of one TIR kernel module on `dev`, random inputs, built under BUILD_CONFIG."""
     import numpy as np
@@ -335,8 +380,11 @@ def time_prim_module(mod, target, dev, number: int = 20, repeat: int = 5) -> flo
     args = []
     for info in ms.arg_info.ArgInfo.from_prim_func(func):
         shape = [int(d) for d in info.shape]
-        data = rng.uniform(-1, 1, size=shape).astype(str(info.dtype)) if "float" in str(info.dtype) \
+        data = (
+            rng.uniform(-1, 1, size=shape).astype(str(info.dtype))
+            if "float" in str(info.dtype)
             else np.zeros(shape, dtype=str(info.dtype))
+        )
         args.append(tvm.runtime.tensor(data, dev))
     timer = lib.mod.time_evaluator("main", dev, number=number, repeat=repeat)
     return float(np.median(timer(*args).results) * 1000)
@@ -381,13 +429,16 @@ def keep_winners(db_dir, target, dev, out_dir, margin: float = 0.0, report=print
             decision["tuned_ms"] = time_prim_module(sch.mod, target, dev)
             if decision["tuned_ms"] < decision["default_ms"] * (1 - margin):
                 wl = kept_db.commit_workload(workload)
-                kept_db.commit_tuning_record(ms.database.TuningRecord(
-                    record.trace, wl, record.run_secs, record.target, record.args_info))
+                kept_db.commit_tuning_record(
+                    ms.database.TuningRecord(record.trace, wl, record.run_secs, record.target, record.args_info)
+                )
                 decision["kept"] = True
         except Exception as err:  # noqa: BLE001 - a broken record just stays out
             decision["error"] = str(err).strip().splitlines()[-1][:200] if str(err).strip() else repr(err)
-        report(f"keep: {decision['task'] or key}: default {decision['default_ms']} ms, tuned "
-               f"{decision['tuned_ms']} ms -> {'kept' if decision['kept'] else 'dropped'}")
+        report(
+            f"keep: {decision['task'] or key}: default {decision['default_ms']} ms, tuned "
+            f"{decision['tuned_ms']} ms -> {'kept' if decision['kept'] else 'dropped'}"
+        )
         decisions.append(decision)
     return decisions
 
@@ -443,9 +494,13 @@ def lower_with_choices(mod, target, choices: dict, algos: dict | None = None):
             algos[key] = int(detail[5:])
     target = to_target(target)
     with target:
-        seq = [relax.transform.LegalizeOps(customize_legalize_map=cuda_vendor.vendor_legalize_map(choose, algos)),
-               relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-               relax.transform.FuseOps(), relax.transform.FuseTIR()]
+        seq = [
+            relax.transform.LegalizeOps(customize_legalize_map=cuda_vendor.vendor_legalize_map(choose, algos)),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ]
         return tvm.transform.Sequential(seq)(mod)
 
 
@@ -464,8 +519,9 @@ def build_lowered(lowered, target, database=None, cuda_graph: bool = True):
     def pipeline(mod, _ctx):
         mod = relax.transform.MetaScheduleApplyDatabase()(mod)
         mod = apply_dlight(mod, target, rules_for)
-        return tvm.transform.Sequential(_backend_passes(target, "dataflow_lower_passes")
-                                        + _backend_passes(target, "finalize_passes"))(mod)
+        return tvm.transform.Sequential(
+            _backend_passes(target, "dataflow_lower_passes") + _backend_passes(target, "finalize_passes")
+        )(mod)
 
     with target, database, build_context(cuda_graph):
         return relax.build(lowered, target=target, relax_pipeline=pipeline)
@@ -484,17 +540,34 @@ def operator_candidates(spec, target, vendors=(), algo: int | None = None) -> li
     out = []
     vendor = "cudnn" if isinstance(spec, cuda_vendor.ConvSpec) else "cublas"
     if vendor in vendors and spec.vendor_ok is None:
-        out.append((vendor, f"algo {algo}" if vendor == "cudnn" else "", cuda_vendor.vendor_prim_func(
-            spec, cuda_vendor.IMPLICIT_PRECOMP_GEMM if algo is None else algo)))
+        out.append(
+            (
+                vendor,
+                f"algo {algo}" if vendor == "cudnn" else "",
+                cuda_vendor.vendor_prim_func(spec, cuda_vendor.IMPLICIT_PRECOMP_GEMM if algo is None else algo),
+            )
+        )
     if isinstance(spec, cuda_vendor.ConvSpec):
         x, w = te.placeholder(spec.data, spec.dtype, "x"), te.placeholder(spec.weight, spec.dtype, "w")
-        y = topi.nn.conv(x, w, list(spec.strides), list(spec.padding), list(spec.dilation), spec.groups,
-                         spec.data_layout, spec.kernel_layout, spec.out_dtype)
+        y = topi.nn.conv(
+            x,
+            w,
+            list(spec.strides),
+            list(spec.padding),
+            list(spec.dilation),
+            spec.groups,
+            spec.data_layout,
+            spec.kernel_layout,
+            spec.out_dtype,
+        )
     else:
         x, w = te.placeholder(spec.lhs, spec.dtype, "a"), te.placeholder(spec.rhs, spec.dtype, "b")
         k = te.reduce_axis((0, spec.lhs[1]), "k")
-        y = te.compute((spec.lhs[0], spec.rhs[1]), lambda i, j: te.sum(
-            x[i, k].astype(spec.out_dtype) * w[k, j].astype(spec.out_dtype), axis=k), name="matmul")
+        y = te.compute(
+            (spec.lhs[0], spec.rhs[1]),
+            lambda i, j: te.sum(x[i, k].astype(spec.out_dtype) * w[k, j].astype(spec.out_dtype), axis=k),
+            name="matmul",
+        )
     base = tvm.IRModule({"main": te.create_prim_func([x, w, y]).with_attr("global_symbol", "main")})
     first = None
     with target:
@@ -544,17 +617,21 @@ def export_so(rt_mod) -> str:
     return path
 
 
-def build_in_parallel(mods: list, target, workers: int = 0, timeout: int = 300,
-                      f_build=None) -> list[tuple[str | None, str | None]]:
+def build_in_parallel(
+    mods: list, target, workers: int = 0, timeout: int = 300, f_build=None
+) -> list[tuple[str | None, str | None]]:
     """(artifact path, error) per module, built by MetaSchedule's LocalBuilder on every core
     (f_build: cuda_build for PrimFunc modules, build_timing_worker for timing graphs)."""
-    import tvm
     from tvm.s_tir import meta_schedule as ms
 
     target = to_target(target)
     workers = workers or int(os.environ.get("TVMFLOW_GPU_BUILD_WORKERS", 0)) or os.cpu_count() or 2
-    builder = ms.builder.LocalBuilder(max_workers=min(workers, max(len(mods), 1)), timeout_sec=timeout,
-                                      f_build=f_build or cuda_build, f_export=export_so)
+    builder = ms.builder.LocalBuilder(
+        max_workers=min(workers, max(len(mods), 1)),
+        timeout_sec=timeout,
+        f_build=f_build or cuda_build,
+        f_export=export_so,
+    )
     results = builder.build([ms.builder.BuilderInput(m, target) for m in mods]) if mods else []
     return [(r.artifact_path, r.error_msg.strip().splitlines()[-1][:300] if r.error_msg else None) for r in results]
 
@@ -568,7 +645,6 @@ def graph_timing_module(prim_mod, target, repeat: int = GRAPH_REPEAT):
     graph build runs it, without the per-call host work (cuDNN's descriptor setup and workspace
     query cost ~50 us per call on the host: timing the bare call measured that, not the GPU)."""
     import numpy as np
-    import tvm
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
@@ -577,8 +653,7 @@ def graph_timing_module(prim_mod, target, repeat: int = GRAPH_REPEAT):
     rng = np.random.default_rng(0)
     first = infos[0]
     x = relax.Var("x", relax.TensorType([int(d) for d in first.shape], str(first.dtype)))
-    consts = [relax.const(rng.uniform(-1, 1, size=[int(d) for d in a.shape]).astype(str(a.dtype)))
-              for a in infos[:-1]]
+    consts = [relax.const(rng.uniform(-1, 1, size=[int(d) for d in a.shape]).astype(str(a.dtype))) for a in infos[:-1]]
     out = infos[-1]
     bb = relax.BlockBuilder()
     gv = bb.add_func(func.without_attr("global_symbol") if hasattr(func, "without_attr") else func, "kernel")
@@ -589,8 +664,10 @@ def graph_timing_module(prim_mod, target, repeat: int = GRAPH_REPEAT):
         with bb.dataflow():
             # the first `repeat` results stay internal (statically planned, so captured in the
             # graph); only one more call's result leaves the function
-            outs = [bb.emit(relax.call_tir(gv, consts, relax.TensorType([int(d) for d in out.shape], str(out.dtype))))
-                    for _ in range(repeat + 1)]
+            outs = [
+                bb.emit(relax.call_tir(gv, consts, relax.TensorType([int(d) for d in out.shape], str(out.dtype))))
+                for _ in range(repeat + 1)
+            ]
             result = bb.emit_output(relax.Tuple([outs[-1], x]))
         bb.emit_func_output(result)
     return bb.get()
@@ -605,8 +682,9 @@ def build_timing_worker(mod, target, _params):
 
     @tvm.transform.module_pass(opt_level=3)
     def pipeline(m, _ctx):
-        return tvm.transform.Sequential(_backend_passes(target, "dataflow_lower_passes")
-                                        + _backend_passes(target, "finalize_passes"))(m)
+        return tvm.transform.Sequential(
+            _backend_passes(target, "dataflow_lower_passes") + _backend_passes(target, "finalize_passes")
+        )(m)
 
     with target, build_context(True):
         return relax.build(mod, target=target, relax_pipeline=pipeline)
@@ -636,7 +714,6 @@ def measure_operators(specs: dict, target, dev, vendors=(), workers: int = 0, lo
     """Pick best per operator: time every candidate of every spec on `dev`, choose with
     tasks.build.candidates.choose. Returns {key: OperatorChoice}; a candidate's detail names the
     cuDNN algorithm or the DLight rule (the other rule's time in brackets)."""
-    import tvm
     from tvm.s_tir import meta_schedule as ms
 
     from tasks.build import cuda_vendor
@@ -688,8 +765,18 @@ def measure_operators(specs: dict, target, dev, vendors=(), workers: int = 0, lo
     return choices, algos
 
 
-def compile_gpu(mod, profile, db_dir=None, use_cuda_graph: bool = True, vendor=("cudnn", "cublas"),
-                dev=None, decide=None, layout: str = "NHWC", contrib=None, log=print):
+def compile_gpu(
+    mod,
+    profile,
+    db_dir=None,
+    use_cuda_graph: bool = True,
+    vendor=("cudnn", "cublas"),
+    dev=None,
+    decide=None,
+    layout: str = "NHWC",
+    contrib=None,
+    log=print,
+):
     """The GPU build stage: `mod` (float32 or already mixed fp16 Relax) -> (executable, choices).
 
     Per operator (conv2d / matmul) the candidates are the vendor library (cuDNN / cuBLAS extern,
@@ -719,8 +806,13 @@ def compile_gpu(mod, profile, db_dir=None, use_cuda_graph: bool = True, vendor=(
     else:
         choices = {}
         for key, spec in specs.items():
-            backend = decide if decide in vendors and spec.vendor_ok is None and \
-                (decide == "cudnn") == isinstance(spec, cuda_vendor.ConvSpec) else "default"
+            backend = (
+                decide
+                if decide in vendors
+                and spec.vendor_ok is None
+                and (decide == "cudnn") == isinstance(spec, cuda_vendor.ConvSpec)
+                else "default"
+            )
             choices[key] = OperatorChoice(key, [Candidate(backend)], backend)
     database = None
     if db_dir:
@@ -744,8 +836,11 @@ def model_build_input(prepared, kind: str, choices: dict | None = None, cuda_gra
     ({key: OperatorChoice}) and built by build_lowered. kind "dlight": the stock NCHW build
     (prepare_gpu + compile_prepared, DLight defaults, no vendor kernels, no CUDA graph).
     """
-    spec = {"kind": kind, "cuda_graph": bool(cuda_graph),
-            "choices": {k: c.to_json() for k, c in (choices or {}).items()}}
+    spec = {
+        "kind": kind,
+        "cuda_graph": bool(cuda_graph),
+        "choices": {k: c.to_json() for k, c in (choices or {}).items()},
+    }
     return prepared.with_attr(BUILD_ATTR, json.dumps(spec))
 
 
@@ -772,14 +867,20 @@ def export_model(executable) -> str:
     return path
 
 
-def build_models(inputs: list, target, workers: int = 0, timeout: int = 580) -> list[tuple[str | None, str | None, float]]:
+def build_models(
+    inputs: list, target, workers: int = 0, timeout: int = 580
+) -> list[tuple[str | None, str | None, float]]:
     """(library path, error, build seconds) per model_build_input module, built side by side."""
     from tvm.s_tir import meta_schedule as ms
 
     target = to_target(target)
     workers = workers or int(os.environ.get("TVMFLOW_GPU_BUILD_WORKERS", 0)) or os.cpu_count() or 2
-    builder = ms.builder.LocalBuilder(max_workers=min(workers, max(len(inputs), 1)), timeout_sec=timeout,
-                                      f_build=build_model_worker, f_export=export_model)
+    builder = ms.builder.LocalBuilder(
+        max_workers=min(workers, max(len(inputs), 1)),
+        timeout_sec=timeout,
+        f_build=build_model_worker,
+        f_export=export_model,
+    )
     out = []
     for result in builder.build([ms.builder.BuilderInput(m, target) for m in inputs]) if inputs else []:
         path = result.artifact_path

@@ -14,6 +14,7 @@ description shape. The VNNI one is TVM's own, registered here under another name
 `import tvm.s_tir.tensor_intrin.x86` imports every backend's intrinsics (CUDA included): 93 s
 per process on this host, in the tuner, the build and every correctness check.
 """
+
 from __future__ import annotations
 
 import re
@@ -88,8 +89,11 @@ def register(intrin: DotIntrin) -> str:
     lanes = intrin.lanes
 
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((lanes, 4), "int8", offset_factor=1),
-             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+    def desc(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
             T.writes(C[0:lanes])
@@ -100,18 +104,25 @@ def register(intrin: DotIntrin) -> str:
                         C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
-    def avx2(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((8, 4), "int8", offset_factor=1),
-             C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    def avx2(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((8, 4), "int8", offset_factor=1),
+        C: T.Buffer((8,), "int32", offset_factor=1),
+    ) -> None:
         with T.sblock("root"):
             T.reads(C[0:8], A[0:4], B[0:8, 0:4])
             T.writes(C[0:8])
             a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
             a_u8x32 = T.reinterpret(T.broadcast(a_i32, 8), dtype="uint8x32")
             pairs = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a_u8x32, B.vload([0, 0], dtype="int8x32"),
-                dtype="int16x16")
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                a_u8x32,
+                B.vload([0, 0], dtype="int8x32"),
+                dtype="int16x16",
+            )
             C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1), dtype="int32x8")
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1), dtype="int32x8"
+            )
 
     # LLVM 21 retyped vpdpbusd's operands from <16 x i32> to <64 x i8> (TVM's dot_16x4_vnni still
     # passes i32 vectors: "Intrinsic has incorrect argument type" with this LLVM 22)
@@ -119,16 +130,22 @@ def register(intrin: DotIntrin) -> str:
     weights = "int8x64" if _llvm_major() >= 21 else "int32x16"
 
     @T.prim_func(s_tir=True)
-    def vnni(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    def vnni(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((16, 4), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
+    ) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:16, 0:4])
             T.writes(C[0:16])
             a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
             C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), C.vload([0], dtype="int32x16"),
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"),
                 T.reinterpret(T.broadcast(a_i32, 16), dtype=operand),
-                T.reinterpret(B.vload([0, 0], dtype="int8x64"), dtype=weights), dtype="int32x16")
+                T.reinterpret(B.vload([0, 0], dtype="int8x64"), dtype=weights),
+                dtype="int32x16",
+            )
 
     TensorIntrin.register(intrin.name, desc, {AVX2_DOT.name: avx2, VNNI_DOT.name: vnni}[intrin.name])
     return intrin.name
@@ -155,7 +172,7 @@ def has_packed_gemm(mod) -> bool:
     import tvm
     from tvm import s_tir
 
-    for gvar, func in mod.functions.items():
+    for _gvar, func in mod.functions.items():
         if isinstance(func, tvm.tirx.PrimFunc):
             try:
                 s_tir.Schedule(tvm.IRModule({"main": func})).get_sblock(PACKED_GEMM_BLOCK)
@@ -249,14 +266,31 @@ def tensorize_space(intrin: str | None = None):
 
     intrin = intrin or register_avx2_intrin()
     rules = [
-        ms.schedule_rule.AutoInline(into_producer=False, into_consumer=True, inline_const_tensor=True,
-                                    disallow_if_then_else=True, require_injective=True, require_ordered=True),
+        ms.schedule_rule.AutoInline(
+            into_producer=False,
+            into_consumer=True,
+            inline_const_tensor=True,
+            disallow_if_then_else=True,
+            require_injective=True,
+            require_ordered=True,
+        ),
         ms.schedule_rule.MultiLevelTilingWithIntrin(
-            intrin, structure="SSRSRS", tile_binds=None, max_innermost_factor=64, vector_load_lens=None,
-            reuse_read=None, reuse_write=ms.schedule_rule.ReuseType(req="may", levels=[1, 2], scope="global")),
-        ms.schedule_rule.ParallelizeVectorizeUnroll(max_jobs_per_core=16, max_vectorize_extent=-1,
-                                                    unroll_max_steps=[0, 16, 64, 512], unroll_explicit=True),
+            intrin,
+            structure="SSRSRS",
+            tile_binds=None,
+            max_innermost_factor=64,
+            vector_load_lens=None,
+            reuse_read=None,
+            reuse_write=ms.schedule_rule.ReuseType(req="may", levels=[1, 2], scope="global"),
+        ),
+        ms.schedule_rule.ParallelizeVectorizeUnroll(
+            max_jobs_per_core=16, max_vectorize_extent=-1, unroll_max_steps=[0, 16, 64, 512], unroll_explicit=True
+        ),
     ]
-    postprocs = [ms.postproc.DisallowDynamicLoop(), ms.postproc.RewriteParallelVectorizeUnroll(),
-                 ms.postproc.RewriteReductionBlock(), ms.postproc.RewriteTensorize(vectorize_init_loop=True)]
+    postprocs = [
+        ms.postproc.DisallowDynamicLoop(),
+        ms.postproc.RewriteParallelVectorizeUnroll(),
+        ms.postproc.RewriteReductionBlock(),
+        ms.postproc.RewriteTensorize(vectorize_init_loop=True),
+    ]
     return ms.space_generator.PostOrderApply(sch_rules=rules, postprocs=postprocs, mutator_probs={})

@@ -30,6 +30,7 @@ Choices:
   speed, so tasks.precision.quantize still quantizes them (the accuracy gate decides, --keep-float overrides).
 - Only NCHW / OIHW convs (what the importers produce); other layouts are left as they are.
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,10 +57,12 @@ def pairs_never_saturate(w2d: np.ndarray) -> bool:
     """True when vpmaddubsw's int16 pair sums cannot saturate for any u8 activations."""
     k_pad = -(-w2d.shape[1] // 2) * 2
     w = np.zeros((w2d.shape[0], k_pad), "int32")
-    w[:, :w2d.shape[1]] = w2d
+    w[:, : w2d.shape[1]] = w2d
     pos, neg = np.maximum(w, 0), np.maximum(-w, 0)
-    return bool((pos[:, 0::2] + pos[:, 1::2]).max(initial=0) <= PAIR_LIMIT
-                and (neg[:, 0::2] + neg[:, 1::2]).max(initial=0) <= PAIR_LIMIT)
+    return bool(
+        (pos[:, 0::2] + pos[:, 1::2]).max(initial=0) <= PAIR_LIMIT
+        and (neg[:, 0::2] + neg[:, 1::2]).max(initial=0) <= PAIR_LIMIT
+    )
 
 
 def _packed_gemm(a, wp):
@@ -69,9 +72,11 @@ def _packed_gemm(a, wp):
     m, k_pad = a.shape
     blocks, _, lanes, _ = wp.shape
     r = te.reduce_axis((0, k_pad), "k")
-    return te.compute((m, blocks * lanes), lambda i, j: te.sum(
-        a[i, r].astype("int32") * wp[j // lanes, r // 4, j % lanes, r % 4].astype("int32"), axis=r),
-        name=PACKED_GEMM_BLOCK)
+    return te.compute(
+        (m, blocks * lanes),
+        lambda i, j: te.sum(a[i, r].astype("int32") * wp[j // lanes, r // 4, j % lanes, r % 4].astype("int32"), axis=r),
+        name=PACKED_GEMM_BLOCK,
+    )
 
 
 def _as_u8(value, shift: bool):
@@ -159,8 +164,11 @@ def _weight_2d(call, kind: str) -> np.ndarray:
 
 def _is_int8_layer(call) -> bool:
     """conv2d / matmul (not linear: its weight is [N, K]) of 8-bit x into int32."""
-    return (call.op.name in ("relax.nn.conv2d", "relax.matmul") and str(call.ty.dtype) == "int32"
-            and str(call.args[0].ty.dtype) in ("uint8", "int8"))
+    return (
+        call.op.name in ("relax.nn.conv2d", "relax.matmul")
+        and str(call.ty.dtype) == "int32"
+        and str(call.args[0].ty.dtype) in ("uint8", "int8")
+    )
 
 
 def _why_not_packed(call, kind: str) -> str | None:
@@ -178,8 +186,11 @@ def _why_not_packed(call, kind: str) -> str | None:
         attrs = call.attrs
         if int(attrs.groups) != 1:
             return "grouped/depthwise conv"
-        if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout or attrs.data_layout)) != \
-                ("NCHW", "OIHW", "NCHW"):
+        if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout or attrs.data_layout)) != (
+            "NCHW",
+            "OIHW",
+            "NCHW",
+        ):
             return "layout is not NCHW/OIHW"
     elif len(w.ty.shape) != 2:
         return "batched weight"
@@ -241,8 +252,16 @@ def _packed_layer(bb, call, kind: str, w2d: np.ndarray, intrin: DotIntrin):
         top, left, bottom, right = (int(v) for v in attrs.padding)
         if top or left or bottom or right:  # zeros (before the +128 shift): fuses with the quantize
             x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right], pad_value=0.0))
-        a = bb.emit_te(_im2col, x, kernel, [int(v) for v in attrs.strides], [int(v) for v in attrs.dilation],
-                       k_pad, shift, primfunc_name_hint="int8_im2col")
+        a = bb.emit_te(
+            _im2col,
+            x,
+            kernel,
+            [int(v) for v in attrs.strides],
+            [int(v) for v in attrs.dilation],
+            k_pad,
+            shift,
+            primfunc_name_hint="int8_im2col",
+        )
         _keep_unfused(bb, a)
         channel_axis = 1
     elif shift or k_pad != w2d.shape[1]:
@@ -253,8 +272,10 @@ def _packed_layer(bb, call, kind: str, w2d: np.ndarray, intrin: DotIntrin):
     shape = [int(d) for d in a.ty.shape]
     if len(shape) != 2:
         a = bb.emit(relax.op.memory.view(a, relax.ShapeExpr([int(np.prod(shape)) // k_pad, k_pad])))
-    c = bb.emit_te(_packed_gemm, a, relax.const(pack_weight(w2d, intrin.lanes)),
-                   primfunc_name_hint=f"int8_gemm_{intrin.name}")
+    c = bb.emit_te(
+        _packed_gemm, a, relax.const(pack_weight(w2d, intrin.lanes)), primfunc_name_hint=f"int8_gemm_{intrin.name}"
+    )
     correction = relax.const((SHIFT * w2d.astype("int32").sum(axis=1)).astype("int32")) if shift else None
-    return bb.emit_te(_unpack, c, [int(d) for d in call.ty.shape], channel_axis, correction,
-                      primfunc_name_hint="int8_unpack")
+    return bb.emit_te(
+        _unpack, c, [int(d) for d in call.ty.shape], channel_axis, correction, primfunc_name_hint="int8_unpack"
+    )

@@ -5,6 +5,7 @@ are devices of that kind, so two flow runs (or a flow run and a tuning fan-out o
 put more measurements on a device kind than it has boards. A missing limit is created with
 that slot count; an existing one is left as an operator set it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,12 +48,15 @@ def on_device(rpc_key: str, slots: int, occupy: int = 1, timeout: float | None =
 
     size = ensure_limit(rpc_key, slots)
     try:
-        with concurrency(limit_name(rpc_key), occupy=max(1, min(int(occupy), size)),
-                         timeout_seconds=timeout, strict=True):
+        with concurrency(
+            limit_name(rpc_key), occupy=max(1, min(int(occupy), size)), timeout_seconds=timeout, strict=True
+        ):
             yield
     except TimeoutError:
-        raise TvmflowError(f"no free {rpc_key!r} device slot within {timeout:.0f} s (global concurrency "
-                           f"limit {limit_name(rpc_key)!r} is full); retry later or raise its slots") from None
+        raise TvmflowError(
+            f"no free {rpc_key!r} device slot within {timeout:.0f} s (global concurrency "
+            f"limit {limit_name(rpc_key)!r} is full); retry later or raise its slots"
+        ) from None
 
 
 def limited_runner(runner, rpc_key: str, slots: int):

@@ -1,6 +1,7 @@
 """What `tvmflow devices` shows: each fleet device with its tracker and the workers registered
 there now. A tracker that does not answer is a row saying so, not an error: the listing is how
 an operator finds out which boards are missing."""
+
 from __future__ import annotations
 
 import os
@@ -15,11 +16,11 @@ class DeviceStatus:
     name: str
     target: str
     precisions: list[str]
-    tracker: str | None     # host:port, or None when none is configured
+    tracker: str | None  # host:port, or None when none is configured
     reachable: bool | None  # None: no tracker to ask
     registered: int | None  # rpc servers registered under the device's key
-    free: int | None        # of those, idle now
-    busy: int | None        # registered - free: measuring right now
+    free: int | None  # of those, idle now
+    busy: int | None  # registered - free: measuring right now
     build_only: bool
     error: str | None = None
 
@@ -53,9 +54,17 @@ def short_target(target: dict) -> str:
 def device_status(profile: DeviceProfile, tracker: str | None, timeout: float = 3.0) -> DeviceStatus:
     from tasks.devices.workers import parse_tracker, tracker_summary
 
-    status = DeviceStatus(name=profile.name, target=short_target(profile.target), precisions=list(profile.precisions),
-                          tracker=tracker, reachable=None, registered=None, free=None, busy=None,
-                          build_only=bool(profile.extra.get("build_only")))
+    status = DeviceStatus(
+        name=profile.name,
+        target=short_target(profile.target),
+        precisions=list(profile.precisions),
+        tracker=tracker,
+        reachable=None,
+        registered=None,
+        free=None,
+        busy=None,
+        build_only=bool(profile.extra.get("build_only")),
+    )
     if not tracker:
         return status
     try:

@@ -1,4 +1,5 @@
 """Device profiles from the fleet file (deployments/devices.yaml)."""
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,10 @@ class DeviceProfile:
         """The cross compiler as a command (what tuning builders get): the NDK clang resolved from
         ANDROID_NDK_HOME / TVM_NDK_CC for `android-ndk`, else the fleet file's value."""
         if self.cross_compiler == android.MARKER:
-            return android.ndk_compiler(int(self.extra.get("android_api", android.DEFAULT_API)),
-                                        self.target.get("mtriple", "aarch64-linux-android"))
+            return android.ndk_compiler(
+                int(self.extra.get("android_api", android.DEFAULT_API)),
+                self.target.get("mtriple", "aarch64-linux-android"),
+            )
         return self.cross_compiler
 
     def export_compiler(self):
@@ -52,8 +55,10 @@ class DeviceProfile:
         if not self.cross_compiler:
             return None
         if self.cross_compiler == android.MARKER:  # the NDK's clang, from ANDROID_NDK_HOME / TVM_NDK_CC
-            return android.ndk_fcompile(int(self.extra.get("android_api", android.DEFAULT_API)),
-                                        self.target.get("mtriple", "aarch64-linux-android"))
+            return android.ndk_fcompile(
+                int(self.extra.get("android_api", android.DEFAULT_API)),
+                self.target.get("mtriple", "aarch64-linux-android"),
+            )
         if shutil.which(self.cross_compiler) is None:
             raise TvmflowError(
                 f"cross compiler {self.cross_compiler!r} for device {self.name!r} is not installed; "
@@ -87,8 +92,10 @@ def load_fleet(path: str | os.PathLike | None = None) -> dict[str, DeviceProfile
         for name, spec in raw.items():
             fleet[name] = _profile(name, dict(spec), known)
     except (AttributeError, KeyError, TypeError, ValueError) as err:
-        raise TvmflowError(f"bad device entry in the fleet file {path} ({err.__class__.__name__}: {err}); "
-                           "each device needs at least `target` (a dict) and `rpc_key`") from None
+        raise TvmflowError(
+            f"bad device entry in the fleet file {path} ({err.__class__.__name__}: {err}); "
+            "each device needs at least `target` (a dict) and `rpc_key`"
+        ) from None
     return fleet
 
 
@@ -112,6 +119,7 @@ def get_device(name: str, path: str | os.PathLike | None = None) -> DeviceProfil
         derived = derive_cuda_profile(name, fleet)
         if derived is not None:
             return derived
-        raise TvmflowError(f"unknown device {name!r}; known devices: {', '.join(sorted(fleet))} "
-                           "(add it to deployments/devices.yaml)")
+        raise TvmflowError(
+            f"unknown device {name!r}; known devices: {', '.join(sorted(fleet))} (add it to deployments/devices.yaml)"
+        )
     return fleet[name]

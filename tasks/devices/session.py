@@ -6,6 +6,7 @@ Used as a context manager: with no tracker given (argument or $TVMFLOW_TRACKER) 
 with `local_workers`, it starts a local tracker + rpc servers on first use and stops them on
 exit; a run with nothing to tune or measure never starts them.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,12 +62,16 @@ class DeviceSession:
             self._address = DeviceAddress(self.profile, (host, port), count)
             return self._address
         if self.profile.local_workers <= 0:
-            raise TvmflowError(f"device {self.profile.name!r} has no local workers: pass --tracker host:port of a "
-                               f"tracker where its rpc servers (key {self.profile.rpc_key!r}) are registered")
-        self.local = start_local_workers(self.profile.rpc_key, self.profile.local_workers, self.log_dir,
-                                         threads=self.profile.target.get("num-cores"))
-        self._address = DeviceAddress(self.profile, (self.local.host, self.local.tracker_port),
-                                      self.profile.local_workers)
+            raise TvmflowError(
+                f"device {self.profile.name!r} has no local workers: pass --tracker host:port of a "
+                f"tracker where its rpc servers (key {self.profile.rpc_key!r}) are registered"
+            )
+        self.local = start_local_workers(
+            self.profile.rpc_key, self.profile.local_workers, self.log_dir, threads=self.profile.target.get("num-cores")
+        )
+        self._address = DeviceAddress(
+            self.profile, (self.local.host, self.local.tracker_port), self.profile.local_workers
+        )
         return self._address
 
     @property
@@ -93,8 +98,15 @@ class DeviceSession:
         """Run `samples` on one of the devices and time it, inside the device kind's capacity slot."""
         address = self.start()
         with on_device(self.profile.rpc_key, address.slots):
-            return run_on_device(lib, address.tracker, self.profile.rpc_key, samples, names,
-                                 self.profile.target.get("kind", "llvm"), **kw)
+            return run_on_device(
+                lib,
+                address.tracker,
+                self.profile.rpc_key,
+                samples,
+                names,
+                self.profile.target.get("kind", "llvm"),
+                **kw,
+            )
 
     def stop(self) -> None:
         if self.local is not None:

@@ -1,5 +1,6 @@
 """Validate a built library on the device through RPC: outputs against the source framework,
 and latency from the device's own time evaluator."""
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,13 @@ THRESHOLDS = {
     "bf16": {"max_rel_err": 6e-2, "top1_agreement": 0.99, "top5_agreement": 0.99, "significance": 0.05},
     # int8 gate (issue 5): top-1 agreement with fp32 >= 99 %, accuracy drop <= 0.5 points with labels;
     # issue 16: a build at least as faithful as the framework's own int8 (onnxruntime QDQ) passes
-    "int8": {"max_rel_err": None, "top1_agreement": 0.99, "top5_agreement": 0.99, "max_accuracy_drop": 0.005,
-             "significance": 0.05},
+    "int8": {
+        "max_rel_err": None,
+        "top1_agreement": 0.99,
+        "top5_agreement": 0.99,
+        "max_accuracy_drop": 0.005,
+        "significance": 0.05,
+    },
 }
 GATE_KEYS = ("max_rel_err", "top1_agreement", "top5_agreement", "max_accuracy_drop", "significance")
 
@@ -80,9 +86,16 @@ def session_device(session, target_kind: str):
     return session.device(target_kind, 0)
 
 
-def run_on_device(lib_path: str | Path, tracker: tuple[str, int], key: str, samples: list[dict],
-                  input_names: list[str], target_kind: str = "llvm", repeat: int = 30,
-                  timeout: float = 600) -> DeviceRun:
+def run_on_device(
+    lib_path: str | Path,
+    tracker: tuple[str, int],
+    key: str,
+    samples: list[dict],
+    input_names: list[str],
+    target_kind: str = "llvm",
+    repeat: int = 30,
+    timeout: float = 600,
+) -> DeviceRun:
     """Upload the library to a worker with `key`, run every sample, then time one of them."""
     import tvm
     from tvm import relax, rpc
@@ -90,8 +103,10 @@ def run_on_device(lib_path: str | Path, tracker: tuple[str, int], key: str, samp
     try:
         session = rpc.connect_tracker(*tracker).request(key, priority=1, session_timeout=int(timeout))
     except Exception as err:  # noqa: BLE001
-        raise TvmflowError(f"cannot get a device worker {key!r} from tracker {tracker[0]}:{tracker[1]} "
-                           f"({str(err).splitlines()[0] if str(err) else err.__class__.__name__}); is one registered?") from None
+        raise TvmflowError(
+            f"cannot get a device worker {key!r} from tracker {tracker[0]}:{tracker[1]} "
+            f"({str(err).splitlines()[0] if str(err) else err.__class__.__name__}); is one registered?"
+        ) from None
     lib_path = Path(lib_path)
     session.upload(str(lib_path))
     dev = session_device(session, target_kind)
@@ -182,14 +197,25 @@ def _top5(scores: np.ndarray, names: list[str] | None) -> list:
     row = np.asarray(scores, "float64").reshape(-1, scores.shape[-1])[0]
     prob = np.exp(row - row.max())
     prob /= prob.sum()
-    return [[int(c), names[c] if names and c < len(names) else str(int(c)), round(float(prob[c]), 4)]
-            for c in np.argsort(-row)[:5]]
+    return [
+        [int(c), names[c] if names and c < len(names) else str(int(c)), round(float(prob[c]), 4)]
+        for c in np.argsort(-row)[:5]
+    ]
 
 
-def compare(tvm_outputs: list, ref_outputs: list, precision: str = "fp32", labels=None, *,
-            thresholds: dict | None = None, baseline_outputs: list | None = None,
-            baseline_name: str = "onnxruntime int8 (QDQ)", class_names: list[str] | None = None,
-            files: list[str] | None = None, examples: int = 5) -> Validation:
+def compare(
+    tvm_outputs: list,
+    ref_outputs: list,
+    precision: str = "fp32",
+    labels=None,
+    *,
+    thresholds: dict | None = None,
+    baseline_outputs: list | None = None,
+    baseline_name: str = "onnxruntime int8 (QDQ)",
+    class_names: list[str] | None = None,
+    files: list[str] | None = None,
+    examples: int = 5,
+) -> Validation:
     """Max abs/rel error over every output; top-1/top-5 agreement (and accuracy with labels) where
     outputs are class scores; the gate of `precision` with the run's `thresholds` overrides.
 
@@ -218,23 +244,33 @@ def compare(tvm_outputs: list, ref_outputs: list, precision: str = "fp32", label
         if baseline_outputs is not None:
             theirs.add(np.asarray(baseline_outputs[i][0], "float64"), first_want, label)
         if len(rows) < examples:
-            rows.append({"file": files[i] if files and i < len(files) else f"sample {i}",
-                         "label": None if label is None else int(np.asarray(label).reshape(-1)[0]),
-                         "framework": _top5(first_want, class_names), "device": _top5(first_got, class_names)})
+            rows.append(
+                {
+                    "file": files[i] if files and i < len(files) else f"sample {i}",
+                    "label": None if label is None else int(np.asarray(label).reshape(-1)[0]),
+                    "framework": _top5(first_want, class_names),
+                    "device": _top5(first_got, class_names),
+                }
+            )
     n = ours.count
     labelled = labels is not None and n > 0
     rate = lambda part, whole: part / whole if whole else None
     baseline = None
     if baseline_outputs is not None and theirs.count:
-        baseline = {"name": baseline_name, "top1_agreement": rate(theirs.top1, n),
-                    "top5_agreement": rate(theirs.top5, n),
-                    "accuracy": rate(theirs.correct, n) if labelled else None}
+        baseline = {
+            "name": baseline_name,
+            "top1_agreement": rate(theirs.top1, n),
+            "top5_agreement": rate(theirs.top5, n),
+            "accuracy": rate(theirs.correct, n) if labelled else None,
+        }
     reasons, allowed = [], None
     significance = gate.get("significance") or 0.05
     if gate["max_rel_err"] is not None and max_rel > gate["max_rel_err"]:
         reasons.append(f"max relative error {max_rel:.2e} > {gate['max_rel_err']:.0e}")
-    for key, label_text, hits, base_hits in (("top1_agreement", "top-1 agreement", ours.top1, theirs.top1),
-                                             ("top5_agreement", "top-5 agreement", ours.top5, theirs.top5)):
+    for key, label_text, hits, base_hits in (
+        ("top1_agreement", "top-1 agreement", ours.top1, theirs.top1),
+        ("top5_agreement", "top-5 agreement", ours.top5, theirs.top5),
+    ):
         if not n or gate.get(key) is None:
             continue
         ok = allowed_misses(n, 1 - gate[key], significance)
@@ -243,27 +279,41 @@ def compare(tvm_outputs: list, ref_outputs: list, precision: str = "fp32", label
         if n - hits > ok:
             if baseline and hits >= base_hits:
                 continue  # at least as faithful as the framework's own int8 on these samples
-            reasons.append(f"{label_text} {hits / n:.3f} < {gate[key]} ({n - hits} of {n} differ, {ok} allowed"
-                           + (f"; {baseline_name}: {n - base_hits}" if baseline else "") + ")")
+            reasons.append(
+                f"{label_text} {hits / n:.3f} < {gate[key]} ({n - hits} of {n} differ, {ok} allowed"
+                + (f"; {baseline_name}: {n - base_hits}" if baseline else "")
+                + ")"
+            )
     drop_limit = gate.get("max_accuracy_drop")
     if drop_limit is not None and labelled:
         lost, ok = ours.ref_correct - ours.correct, allowed_misses(n, drop_limit, significance)
         base_lost = theirs.ref_correct - theirs.correct
         if lost > ok and not (baseline and lost <= base_lost):
-            reasons.append(f"accuracy drop {100 * lost / n:.2f} points > {100 * drop_limit:.1f} ({lost} of {n} lost, "
-                           f"{ok} allowed)")
+            reasons.append(
+                f"accuracy drop {100 * lost / n:.2f} points > {100 * drop_limit:.1f} ({lost} of {n} lost, {ok} allowed)"
+            )
     return Validation(
-        passed=not reasons, precision=precision, samples=len(tvm_outputs), max_abs_err=max_abs,
-        max_rel_err=max_rel, top1_agreement=rate(ours.top1, n), thresholds=gate,
+        passed=not reasons,
+        precision=precision,
+        samples=len(tvm_outputs),
+        max_abs_err=max_abs,
+        max_rel_err=max_rel,
+        top1_agreement=rate(ours.top1, n),
+        thresholds=gate,
         accuracy=rate(ours.correct, n) if labelled else None,
-        reference_accuracy=rate(ours.ref_correct, n) if labelled else None, reason="; ".join(reasons),
-        top5_agreement=rate(ours.top5, n), top5_accuracy=rate(ours.correct5, n) if labelled else None,
+        reference_accuracy=rate(ours.ref_correct, n) if labelled else None,
+        reason="; ".join(reasons),
+        top5_agreement=rate(ours.top5, n),
+        top5_accuracy=rate(ours.correct5, n) if labelled else None,
         reference_top5_accuracy=rate(ours.ref_correct5, n) if labelled else None,
-        flips=n - ours.top1 if n else None, allowed_flips=allowed, baseline=baseline, examples=rows)
+        flips=n - ours.top1 if n else None,
+        allowed_flips=allowed,
+        baseline=baseline,
+        examples=rows,
+    )
 
 
-def onnxruntime_int8_outputs(onnx_fp32, calibration, samples: list[dict], input_names: list[str],
-                             work_dir) -> list:
+def onnxruntime_int8_outputs(onnx_fp32, calibration, samples: list[dict], input_names: list[str], work_dir) -> list:
     """Outputs of onnxruntime's own int8 (quantize_static, QDQ, calibrated on `calibration`, the same
     samples tvmflow calibrates on) for `samples`: the baseline_outputs of compare() for ONNX models."""
     import onnxruntime as ort
@@ -275,5 +325,7 @@ def onnxruntime_int8_outputs(onnx_fp32, calibration, samples: list[dict], input_
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    return [[np.asarray(o) for o in session.run(None, {o: np.ascontiguousarray(s[n])
-                                                       for o, n in zip(names, input_names)})] for s in samples]
+    return [
+        [np.asarray(o) for o in session.run(None, {o: np.ascontiguousarray(s[n]) for o, n in zip(names, input_names)})]
+        for s in samples
+    ]

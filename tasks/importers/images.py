@@ -9,6 +9,7 @@ name), else from the sorted folder names. Preprocessing options go in the URI fr
 0..255 units, e.g. mean=127&std=128 for EfficientNet-Lite); resize shorter side then centre crop
 to the model's H x W; NCHW or NHWC follows the model's input (layout=nhwc to force).
 """
+
 from __future__ import annotations
 
 import io
@@ -49,8 +50,10 @@ class ImageOptions:
         opts = dict(kv.split("=", 1) for kv in fragment.split("&") if "=" in kv)
         unknown = set(opts) - {"preset", "mean", "std", "resize", "size", "layout", "limit"}
         if unknown:
-            raise TvmflowError(f"unknown image option(s) {sorted(unknown)}; use preset=imagenet|0-1|-1-1|raw, "
-                               "mean=R:G:B, std=R:G:B, resize=N, layout=nchw|nhwc, limit=N")
+            raise TvmflowError(
+                f"unknown image option(s) {sorted(unknown)}; use preset=imagenet|0-1|-1-1|raw, "
+                "mean=R:G:B, std=R:G:B, resize=N, layout=nchw|nhwc, limit=N"
+            )
         preset = opts.get("preset", "imagenet" if "mean" not in opts else "raw")
         if preset not in PRESETS:
             raise TvmflowError(f"unknown image preset {preset!r}; use one of {', '.join(PRESETS)}")
@@ -59,8 +62,14 @@ class ImageOptions:
         layout = opts.get("layout")
         if layout and layout.lower() not in ("nchw", "nhwc"):
             raise TvmflowError(f"layout={layout}: use nchw or nhwc")
-        return cls(preset, floats("mean"), floats("std"), ints("resize") or ints("size"),
-                   layout.lower() if layout else None, ints("limit"))
+        return cls(
+            preset,
+            floats("mean"),
+            floats("std"),
+            ints("resize") or ints("size"),
+            layout.lower() if layout else None,
+            ints("limit"),
+        )
 
     def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
         mean, std = PRESETS[self.preset]
@@ -104,11 +113,13 @@ def _read_members(uri: str) -> dict[str, bytes]:
             with zipfile.ZipFile(io.BytesIO(data)) as archive:
                 return {n: archive.read(n) for n in archive.namelist() if wanted(n) and not n.endswith("/")}
         with tarfile.open(fileobj=io.BytesIO(data)) as archive:
-            return {m.name: archive.extractfile(m).read() for m in archive.getmembers() if m.isfile() and wanted(m.name)}
+            return {
+                m.name: archive.extractfile(m).read() for m in archive.getmembers() if m.isfile() and wanted(m.name)
+            }
     fs, root = fsspec.core.url_to_fs(uri)
     root = root.rstrip("/")
     found = [p for p in fs.find(root) if wanted(p)]
-    return {p[len(root):].lstrip("/"): fs.cat_file(p) for p in found}
+    return {p[len(root) :].lstrip("/"): fs.cat_file(p) for p in found}
 
 
 def _strip_archive_root(members: dict[str, bytes], archive: str) -> dict[str, bytes]:
@@ -142,7 +153,9 @@ def _class_index(folders: list[str], mapping: dict[str, int] | None) -> dict[str
     if mapping is not None:
         missing = [f for f in folders if f not in mapping]
         if missing:
-            raise TvmflowError(f"class folders {missing[:5]} are not in the mapping file; add them or rename the folders")
+            raise TvmflowError(
+                f"class folders {missing[:5]} are not in the mapping file; add them or rename the folders"
+            )
         return {f: mapping[f] for f in folders}
     if all(f.isdigit() for f in folders):
         return {f: int(f) for f in folders}

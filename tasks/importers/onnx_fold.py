@@ -5,6 +5,7 @@ are constant for a fixed input shape; TVM's ONNX importer refuses them ("Dynamic
 supported yet"). onnxruntime's offline basic optimization (constant folding plus semantics-preserving
 fusions, all standard ONNX ops) folds them; the folded graph is checked against the unfolded one.
 """
+
 from __future__ import annotations
 
 import collections
@@ -86,8 +87,10 @@ def fold_shapes(model, specs) -> Folded:
             _session(data, out)
             folded = onnx.load(out)
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise TvmflowError(f"cannot fold the model's shape computations with onnxruntime "
-                               f"({str(err).strip().splitlines()[0][:200]}); export it with static shapes") from None
+            raise TvmflowError(
+                f"cannot fold the model's shape computations with onnxruntime "
+                f"({str(err).strip().splitlines()[0][:200]}); export it with static shapes"
+            ) from None
     sample = _sample(specs)
     want = _session(data).run(None, sample)
     got = _session(folded.SerializeToString()).run(None, sample)
@@ -97,13 +100,17 @@ def fold_shapes(model, specs) -> Folded:
         scale = max(float(np.max(np.abs(w))) if w.size else 0.0, 1e-12)
         worst = max(worst, float(np.max(np.abs(g - w))) / scale if w.size else 0.0)
     if len(got) != len(want) or not worst <= CHECK_RTOL:
-        raise TvmflowError(f"folding the model's shape computations changed its outputs (rel err {worst:.1e}); "
-                           "export the model with static shapes instead")
+        raise TvmflowError(
+            f"folding the model's shape computations changed its outputs (rel err {worst:.1e}); "
+            "export the model with static shapes instead"
+        )
     before = collections.Counter(n.op_type for n in model.graph.node)
     after = collections.Counter(n.op_type for n in folded.graph.node)
     gone = {op: before[op] - after.get(op, 0) for op in before if before[op] > after.get(op, 0)}
     listed = ", ".join(f"{op} {n}" for op, n in sorted(gone.items(), key=lambda kv: -kv[1]))
-    note = (f"folded the shape computations for the fixed input shapes with onnxruntime: "
-            f"{len(model.graph.node)} -> {len(folded.graph.node)} nodes ({listed or 'none removed'}); "
-            f"outputs match the unfolded model (max rel err {worst:.1e})")
+    note = (
+        f"folded the shape computations for the fixed input shapes with onnxruntime: "
+        f"{len(model.graph.node)} -> {len(folded.graph.node)} nodes ({listed or 'none removed'}); "
+        f"outputs match the unfolded model (max rel err {worst:.1e})"
+    )
     return Folded(folded, note)

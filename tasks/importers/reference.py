@@ -2,6 +2,7 @@
 
 Which framework runs which format is the registry's business (tasks/importers/registry.py);
 this module is the one object the pipeline holds."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,6 +4,7 @@ Adding a format: write tasks/importers/formats/<name>_import.py with an `IMPORTE
 (tasks.importers.types.Importer: detect, import_, reference, export_onnx) and add it to IMPORTERS.
 Detection reads the bytes, never the file name; the first importer whose detect() says yes wins.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,14 +27,23 @@ log = logging.getLogger("tvmflow")
 
 # order matters: ONNX last (protobuf parses many byte strings)
 IMPORTERS: tuple[Importer, ...] = (
-    keras_import.IMPORTER, mxnet_import.IMPORTER, tflite_import.IMPORTER, torch_import.IMPORTER,
-    torchscript_import.IMPORTER, onnx_import.IMPORTER,
+    keras_import.IMPORTER,
+    mxnet_import.IMPORTER,
+    tflite_import.IMPORTER,
+    torch_import.IMPORTER,
+    torchscript_import.IMPORTER,
+    onnx_import.IMPORTER,
 )
 BY_FORMAT = {imp.format: imp for imp in IMPORTERS}
 BY_FRAMEWORK = {imp.framework: imp for imp in IMPORTERS}
 FRAMEWORK = {imp.format: imp.framework for imp in IMPORTERS}
-SUPPORTED = ", ".join([IMPORTERS[-1].description, *(i.description for i in IMPORTERS[:-1]),
-                       "a package.module:callable factory returning (nn.Module, example inputs)"])
+SUPPORTED = ", ".join(
+    [
+        IMPORTERS[-1].description,
+        *(i.description for i in IMPORTERS[:-1]),
+        "a package.module:callable factory returning (nn.Module, example inputs)",
+    ]
+)
 
 
 def _with_list(err: UnknownFormat) -> TvmflowError:
@@ -51,11 +61,17 @@ def detect(path: Path) -> Importer:
         raise _with_list(err) from None
     if bundles.head(path, 2) == b"PK":
         if bundles.zip_names(path) is None:
-            raise TvmflowError(f"{path.name} looks like a zip archive but is corrupt or truncated; export the model again")
-        raise TvmflowError(f"{path.name} is a zip archive but not a torch.export .pt2 (nor a Keras .keras file, "
-                           f"nor TorchScript); supported: {SUPPORTED}")
-    raise TvmflowError(f"{path.name} is not a model this tool can read (corrupt, truncated, or an "
-                       f"unsupported format); supported: {SUPPORTED}")
+            raise TvmflowError(
+                f"{path.name} looks like a zip archive but is corrupt or truncated; export the model again"
+            )
+        raise TvmflowError(
+            f"{path.name} is a zip archive but not a torch.export .pt2 (nor a Keras .keras file, "
+            f"nor TorchScript); supported: {SUPPORTED}"
+        )
+    raise TvmflowError(
+        f"{path.name} is not a model this tool can read (corrupt, truncated, or an "
+        f"unsupported format); supported: {SUPPORTED}"
+    )
 
 
 def detect_format(path: Path) -> str:

@@ -1,4 +1,5 @@
 """What the user wrote in --model: a file/URI or a `package.module:callable` factory."""
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """Wall-clock timing of a reference framework: the latency tvmflow's build is compared with."""
+
 from __future__ import annotations
 
 import time

@@ -3,6 +3,7 @@
 Also the input-shape rules (dynamic batch -> `batch`, other dynamic dims need --input) and the
 one-line error that lists every problem of a model at once.
 """
+
 from __future__ import annotations
 
 import re
@@ -55,8 +56,9 @@ class ResolvedInputs:
     notes: list[str]
 
 
-def resolve_inputs(declared: list[InputSpec], overrides: list[InputSpec] | None = None,
-                   batch: int | None = None) -> ResolvedInputs:
+def resolve_inputs(
+    declared: list[InputSpec], overrides: list[InputSpec] | None = None, batch: int | None = None
+) -> ResolvedInputs:
     """Static input specs from a model's declared ones (-1 = dynamic dim).
 
     --input wins; a dynamic first dim of a rank>=2 input is the batch: `batch` (default 1) with one
@@ -68,7 +70,9 @@ def resolve_inputs(declared: list[InputSpec], overrides: list[InputSpec] | None 
     problems, specs, batched = [], [], []
     unknown = sorted(set(given) - {s.name for s in declared})
     if unknown:
-        problems.append(f"--input names {unknown} are not inputs of the model (its inputs are {[s.name for s in declared]})")
+        problems.append(
+            f"--input names {unknown} are not inputs of the model (its inputs are {[s.name for s in declared]})"
+        )
     for spec in declared:
         new = given.get(spec.name)
         if new:
@@ -82,15 +86,19 @@ def resolve_inputs(declared: list[InputSpec], overrides: list[InputSpec] | None 
             batched.append(spec.name)
         if any(d <= 0 for d in dims):
             example = "x".join(str(d) if d > 0 else "N" for d in dims)
-            problems.append(f"input {spec.name!r} has dynamic dims {_shown(spec.shape)}: give them with "
-                            f"--input {spec.name}:{example}:{spec.dtype}")
+            problems.append(
+                f"input {spec.name!r} has dynamic dims {_shown(spec.shape)}: give them with "
+                f"--input {spec.name}:{example}:{spec.dtype}"
+            )
         specs.append(InputSpec(spec.name, tuple(dims), spec.dtype))
     notes = []
     if batched:
         first = next(s for s in specs if s.name == batched[0])
         example = f"--input {first.name}:{'x'.join(['N', *map(str, first.shape[1:])])}:{first.dtype}"
-        notes.append(f"dynamic batch dimension of input(s) {', '.join(batched)} set to {batch or 1}"
-                     + ("" if batch else f" (for another batch: {example})"))
+        notes.append(
+            f"dynamic batch dimension of input(s) {', '.join(batched)} set to {batch or 1}"
+            + ("" if batch else f" (for another batch: {example})")
+        )
     elif batch is not None and batch != 1:
         notes.append(f"--batch {batch} ignored: the model has no dynamic batch dimension")
     return ResolvedInputs(specs, problems, notes)
@@ -104,8 +112,9 @@ def problems_error(problems: list[str]) -> TvmflowError:
     return TvmflowError(f"cannot import the model, {len(problems)} problems: {listed}")
 
 
-def resolve_checked(specs: list[InputSpec], overrides: list[InputSpec] | None,
-                    batch: int | None = None) -> ResolvedInputs:
+def resolve_checked(
+    specs: list[InputSpec], overrides: list[InputSpec] | None, batch: int | None = None
+) -> ResolvedInputs:
     """resolve_inputs for importers with no problems of their own to add: one error with every problem."""
     resolved = resolve_inputs(specs, overrides, batch)
     if resolved.problems:
@@ -113,21 +122,25 @@ def resolve_checked(specs: list[InputSpec], overrides: list[InputSpec] | None,
     return resolved
 
 
-def check_overrides(specs: list[InputSpec], overrides: list[InputSpec] | None,
-                    batch: int | None = None) -> list[InputSpec]:
+def check_overrides(
+    specs: list[InputSpec], overrides: list[InputSpec] | None, batch: int | None = None
+) -> list[InputSpec]:
     return resolve_checked(specs, overrides, batch).specs
 
 
 def unsupported_operators_problem(names) -> str:
-    return (f"unsupported operator(s): {', '.join(sorted(set(names)))} (replace them in the model or keep "
-            "that part out of the exported graph)")
+    return (
+        f"unsupported operator(s): {', '.join(sorted(set(names)))} (replace them in the model or keep "
+        "that part out of the exported graph)"
+    )
 
 
 def unsupported_error(err: Exception) -> TvmflowError | None:
     """The one-line error for a frontend's 'operator not supported' exception, None for any other."""
     text = str(err)
-    match = (re.search(r"operators are not supported for frontend ONNX: ([\w, ]+)", text)
-             or re.search(r"Unsupported function types? \[([^\]]+)\]", text))
+    match = re.search(r"operators are not supported for frontend ONNX: ([\w, ]+)", text) or re.search(
+        r"Unsupported function types? \[([^\]]+)\]", text
+    )
     if match:
         names = [n.strip().strip("'\"") for n in match.group(1).split(",") if n.strip()]
         return TvmflowError(unsupported_operators_problem(names))

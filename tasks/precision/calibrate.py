@@ -12,6 +12,7 @@ methods choose a clipping range:
 Calibration data is the user's: an npz of named arrays, `bundled:*`, or a folder of images with a
 preprocessing spec in the URI fragment (`photos/#size=224&mean=127&std=128`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -97,8 +98,9 @@ def collect_stats(mod, dataset, target="llvm") -> dict[str, LayerStats]:
     return stats
 
 
-def calibrate(mod, dataset, method: str = "percentile", percentile: float = 99.99,
-              target="llvm") -> dict[str, tuple[float, float]]:
+def calibrate(
+    mod, dataset, method: str = "percentile", percentile: float = 99.99, target="llvm"
+) -> dict[str, tuple[float, float]]:
     stats = collect_stats(mod, dataset, target)
     return {name: choose_range(s, method, percentile) for name, s in stats.items()}
 
@@ -109,8 +111,10 @@ def load_calibration(uri: str | None, input_specs):
     from tasks.importers.datasets import load_dataset
 
     if not uri:
-        raise TvmflowError("--precision int8 needs calibration samples: pass --calibration URI (an npz of "
-                           "named input arrays, an image folder, or bundled:mnist:500)")
+        raise TvmflowError(
+            "--precision int8 needs calibration samples: pass --calibration URI (an npz of "
+            "named input arrays, an image folder, or bundled:mnist:500)"
+        )
     try:
         return load_dataset(uri, input_specs)
     except TvmflowError as err:

@@ -6,6 +6,7 @@ Names are `<kind>_<i>` (conv2d_0, conv2d_1, matmul_0, ...), stable for one model
 name layers to keep in float (`--keep-float conv2d_0,matmul_1`) and the report can name the
 layer whose error is large.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -94,7 +95,6 @@ def make_rewriter(handler):
 
 def rewrite_layers(mod, handler):
     """(new module, layers) with `handler` applied to each compute layer of `main`."""
-    from tvm import relax
 
     rewriter = make_rewriter(handler)(mod)
     func = rewriter.visit_expr(mod["main"])

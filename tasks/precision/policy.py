@@ -9,6 +9,7 @@ names (conv2d_3, matmul_0; see tasks.precision.layers).
 ToMixedPrecision decides per op from its own policy table and takes no lists: with an allow or
 deny list, to_fp16 uses the same operand-cast rewrite as bf16, with float16.
 """
+
 from __future__ import annotations
 
 from tasks.errors import TvmflowError
@@ -50,10 +51,17 @@ def cast_operands(mod, dtype: str, allow=None, deny=None):
         if layer.kind == "conv2d":
             a = call.attrs
             return relax.op.nn.conv2d(
-                data, weight, strides=[int(v) for v in a.strides], padding=[int(v) for v in a.padding],
-                dilation=[int(v) for v in a.dilation], groups=int(a.groups), data_layout=str(a.data_layout),
-                kernel_layout=str(a.kernel_layout), out_layout=str(a.out_layout or a.data_layout),
-                out_dtype="float32")
+                data,
+                weight,
+                strides=[int(v) for v in a.strides],
+                padding=[int(v) for v in a.padding],
+                dilation=[int(v) for v in a.dilation],
+                groups=int(a.groups),
+                data_layout=str(a.data_layout),
+                kernel_layout=str(a.kernel_layout),
+                out_layout=str(a.out_layout or a.data_layout),
+                out_dtype="float32",
+            )
         return relax.op.matmul(data, weight, out_dtype="float32")
 
     new, _ = rewrite_layers(fold(mod), handler)
@@ -115,5 +123,7 @@ def precision_warning(device, precision: str) -> str | None:
     `precisions`: the ones that run well there)."""
     if precision == "fp32" or precision in device.precisions:
         return None
-    return (f"{precision} is likely slower than fp32 on device {device.name!r} (runs well: "
-            f"{', '.join(device.precisions)}): {SLOW_WHY.get(precision, 'no fast path on this device')}")
+    return (
+        f"{precision} is likely slower than fp32 on device {device.name!r} (runs well: "
+        f"{', '.join(device.precisions)}): {SLOW_WHY.get(precision, 'no fast path on this device')}"
+    )

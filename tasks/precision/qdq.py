@@ -30,6 +30,7 @@ Residual difference from onnxruntime: it requantizes in one fused integer step (
 this path rescales in float and lets the next QuantizeLinear round, so a value that lies within
 float rounding of a .5 quantization boundary can land one quantization step away.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,10 @@ from tasks.errors import TvmflowError
 
 ATTR = "tvmflow_prequantized"  # IRModule attribute: the rewrite's plan, survives lowering and caching
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-HOW_TO_FIX = ("re-quantize with onnxruntime quantize_static(quant_format=QDQ, per_channel=True, "
-              "weight_type=QInt8) and per-tensor activations")
+HOW_TO_FIX = (
+    "re-quantize with onnxruntime quantize_static(quant_format=QDQ, per_channel=True, "
+    "weight_type=QInt8) and per-tensor activations"
+)
 
 
 def is_qdq(model) -> bool:
@@ -134,8 +137,11 @@ def _weight(layer: str, kind: str, expr, bindings, bb):
     if scale.size != 1 and (axis != out_axis or scale.size != w_q.shape[axis]):
         raise _unsupported(layer, f"weight scales along axis {axis}, not the output channels")
     channels = w_q.shape[out_axis]
-    scales = np.broadcast_to(scale.reshape(-1).astype("float32"), (channels,)) if scale.size == 1 else \
-        scale.reshape(-1).astype("float32")
+    scales = (
+        np.broadcast_to(scale.reshape(-1).astype("float32"), (channels,))
+        if scale.size == 1
+        else scale.reshape(-1).astype("float32")
+    )
     return np.ascontiguousarray(w_q.T if transpose else w_q), np.ascontiguousarray(scales)
 
 
@@ -161,10 +167,17 @@ def _conv(bb, call, x, w_q: np.ndarray, zp: int):
         padding = [0, 0, 0, 0]
     out_layout = str(attrs.out_layout or attrs.data_layout)
     return relax.op.nn.conv2d(
-        x, relax.const(w_q), strides=[int(v) for v in attrs.strides], padding=padding,
-        dilation=[int(v) for v in attrs.dilation], groups=int(attrs.groups),
-        data_layout=str(attrs.data_layout), kernel_layout=str(attrs.kernel_layout),
-        out_layout=out_layout, out_dtype="int32"), out_layout
+        x,
+        relax.const(w_q),
+        strides=[int(v) for v in attrs.strides],
+        padding=padding,
+        dilation=[int(v) for v in attrs.dilation],
+        groups=int(attrs.groups),
+        data_layout=str(attrs.data_layout),
+        kernel_layout=str(attrs.kernel_layout),
+        out_layout=out_layout,
+        out_dtype="int32",
+    ), out_layout
 
 
 def lower_qdq(mod):
@@ -191,10 +204,13 @@ def lower_qdq(mod):
 
     def rewrite(bb, layer, call):
         kind = layer.kind
-        why = (f"{call.op.name} is not rewritten" if kind == "matmul" and call.op.name != "relax.matmul" else
-               "layout is not NCHW / OIHW" if kind == "conv2d" and (str(call.attrs.data_layout),
-                                                                   str(call.attrs.kernel_layout)) != ("NCHW", "OIHW")
-               else None)  # the ONNX importer emits NCHW / OIHW only
+        why = (
+            f"{call.op.name} is not rewritten"
+            if kind == "matmul" and call.op.name != "relax.matmul"
+            else "layout is not NCHW / OIHW"
+            if kind == "conv2d" and (str(call.attrs.data_layout), str(call.attrs.kernel_layout)) != ("NCHW", "OIHW")
+            else None
+        )  # the ONNX importer emits NCHW / OIHW only
         if why:
             plan["kept_float"].append({"name": layer.name, "why": why})
             return None
@@ -202,8 +218,9 @@ def lower_qdq(mod):
         weight = _weight(layer.name, kind, call.args[1], bindings, bb)
         if act is None or weight is None:
             side = "input" if act is None else "weight"
-            plan["kept_float"].append({"name": layer.name, "why": f"its {side} is not quantized (float in "
-                                                                   "onnxruntime too)"})
+            plan["kept_float"].append(
+                {"name": layer.name, "why": f"its {side} is not quantized (float in onnxruntime too)"}
+            )
             return None
         (x_q, s_x, zp), (w_q, s_w) = act, weight
         if (x_q, zp) not in shifted:
@@ -225,10 +242,16 @@ def lower_qdq(mod):
         out = bb.emit(relax.op.multiply(relax.op.astype(acc, "float32"), scale), name_hint=f"q_{layer.name}")
         if str(call.ty.dtype) != "float32":
             out = bb.emit(relax.op.astype(out, str(call.ty.dtype)))
-        plan["integer_layers"].append({
-            "name": layer.name, "kind": kind, "act_dtype": str(x.ty.dtype),
-            "act_scale": s_x, "act_zero_point": act[2],
-            "zero_point": "none" if act[2] == 0 else "int8->uint8 shift" if zp == 0 else "pad + sum(W) correction"})
+        plan["integer_layers"].append(
+            {
+                "name": layer.name,
+                "kind": kind,
+                "act_dtype": str(x.ty.dtype),
+                "act_scale": s_x,
+                "act_zero_point": act[2],
+                "zero_point": "none" if act[2] == 0 else "int8->uint8 shift" if zp == 0 else "pad + sum(W) correction",
+            }
+        )
         return out
 
     new, _ = rewrite_layers(mod, handler)
@@ -254,8 +277,10 @@ def effective_precision(requested: str, info: dict | None) -> str:
     if info is None:
         return requested
     if requested in ("fp16", "bf16"):
-        raise TvmflowError(f"the model is pre-quantized int8 (QDQ); --precision {requested} does not apply: "
-                           "compile it without --precision (it runs as int8)")
+        raise TvmflowError(
+            f"the model is pre-quantized int8 (QDQ); --precision {requested} does not apply: "
+            "compile it without --precision (it runs as int8)"
+        )
     return "int8"
 
 
@@ -283,7 +308,15 @@ def quantize_static_qdq(onnx_fp32, dataset, out, activation: str = "uint8", redu
             return next(self.items, None)
 
     act = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activation]
-    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    reduce_range=reduce_range, activation_type=act, weight_type=QuantType.QInt8)
+    quantize_static(
+        str(pre),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        reduce_range=reduce_range,
+        activation_type=act,
+        weight_type=QuantType.QInt8,
+    )
     pre.unlink()
     return out

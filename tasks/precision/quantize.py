@@ -11,6 +11,7 @@ epilogue, so the tensor between two quantized layers is written once, already re
 `reduce_range` keeps weights in 7 bits: u8 x s8 pairs then never saturate AVX2's vpmaddubsw
 (the int16 pairwise add in the AVX2 / AVX-512-without-VNNI dot product).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -58,8 +59,9 @@ def parse_keep_float(text: str | None, layers) -> list[str] | None:
     known = {l.name for l in layers}
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise TvmflowError(f"--keep-float names {unknown} are not layers of the model; its layers are "
-                           f"{', '.join(sorted(known))}")
+        raise TvmflowError(
+            f"--keep-float names {unknown} are not layers of the model; its layers are {', '.join(sorted(known))}"
+        )
     return names
 
 
@@ -117,9 +119,15 @@ def quantize_model(mod, ranges: dict, config: QuantConfig | None = None):
     wmax = 63 if config.reduce_range else 127
 
     def handler(bb, layer, call):
-        why = ("kept in float (--keep-float)" if layer.name in keep else
-               "weight is not a constant" if not layer.weight_const else
-               "no calibration range" if layer.name not in ranges else None)
+        why = (
+            "kept in float (--keep-float)"
+            if layer.name in keep
+            else "weight is not a constant"
+            if not layer.weight_const
+            else "no calibration range"
+            if layer.name not in ranges
+            else None
+        )
         if why:
             plan.kept_float.append({"name": layer.name, "why": why})
             return None
@@ -133,10 +141,17 @@ def quantize_model(mod, ranges: dict, config: QuantConfig | None = None):
             attrs = call.attrs
             out_layout = str(attrs.out_layout or attrs.data_layout)
             acc = relax.op.nn.conv2d(
-                x_q, relax.const(w_q), strides=[int(v) for v in attrs.strides],
-                padding=[int(v) for v in attrs.padding], dilation=[int(v) for v in attrs.dilation],
-                groups=int(attrs.groups), data_layout=str(attrs.data_layout),
-                kernel_layout=str(attrs.kernel_layout), out_layout=out_layout, out_dtype="int32")
+                x_q,
+                relax.const(w_q),
+                strides=[int(v) for v in attrs.strides],
+                padding=[int(v) for v in attrs.padding],
+                dilation=[int(v) for v in attrs.dilation],
+                groups=int(attrs.groups),
+                data_layout=str(attrs.data_layout),
+                kernel_layout=str(attrs.kernel_layout),
+                out_layout=out_layout,
+                out_dtype="int32",
+            )
             scale_shape = [1] * len(call.ty.shape)
             scale_shape[out_layout.index("C")] = -1
         else:
@@ -147,8 +162,15 @@ def quantize_model(mod, ranges: dict, config: QuantConfig | None = None):
         out = bb.emit(relax.op.multiply(relax.op.astype(acc, "float32"), scale), name_hint=f"q_{layer.name}")
         if call.ty.dtype != "float32":
             out = bb.emit(relax.op.astype(out, call.ty.dtype))
-        plan.quantized.append({"name": layer.name, "kind": layer.kind, "act_dtype": dtype,
-                               "act_scale": s_x, "act_range": [float(lo), float(hi)]})
+        plan.quantized.append(
+            {
+                "name": layer.name,
+                "kind": layer.kind,
+                "act_dtype": dtype,
+                "act_scale": s_x,
+                "act_range": [float(lo), float(hi)],
+            }
+        )
         return out
 
     new, _ = rewrite_layers(mod, handler)
@@ -180,10 +202,12 @@ def per_layer_error(fp32_mod, int8_mod, samples: list[dict], target="llvm", name
     rows = []
     for name in ref_names:
         s = stats[name]
-        rows.append({
-            "layer": name,
-            "rel_max_err": s["max_abs"] / max(s["ref_max"], 1e-12),
-            "snr_db": float(10 * np.log10(max(s["ref2"], 1e-30) / max(s["err2"], 1e-30))),
-            "cosine": s["dot"] / max(np.sqrt(s["ref2"] * s["q2"]), 1e-30),
-        })
+        rows.append(
+            {
+                "layer": name,
+                "rel_max_err": s["max_abs"] / max(s["ref_max"], 1e-12),
+                "snr_db": float(10 * np.log10(max(s["ref2"], 1e-30) / max(s["err2"], 1e-30))),
+                "cosine": s["dot"] / max(np.sqrt(s["ref2"] * s["q2"]), 1e-30),
+            }
+        )
     return rows

@@ -5,6 +5,7 @@ matmul calls can no longer be rewritten), converts it, and lowers it like the fp
 (tasks.storage.cache, stage "precision") by model bytes, inputs, target, precision options and
 the calibration data's bytes. Both compile and retune run it (flows/stages.py).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,7 +24,9 @@ class PrecisionOptions:
     keep_float: str | None = None  # "a,b" | "none" | None (default: first conv, last dense)
     allow: list | None = None  # fp16/bf16: op kinds or layer names to convert
     deny: list | None = None
-    reduce_range: bool | None = None  # None: 7-bit int8 weights where the device needs them (quantize.weights_need_7_bits)
+    reduce_range: bool | None = (
+        None  # None: 7-bit int8 weights where the device needs them (quantize.weights_need_7_bits)
+    )
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -63,12 +66,15 @@ def convert_model(mod, specs, precision: str, opts: PrecisionOptions, target="ll
     keep = parse_keep_float(opts.keep_float, list_layers(mod))
     ranges = calibrate(mod, dataset, opts.method, opts.percentile, target)
     qmod, plan = quantize_model(mod, ranges, QuantConfig(opts.method, opts.percentile, keep, opts.reduce_range))
-    return qmod, {"calibration": {"source": dataset.source, "samples": len(dataset), "method": opts.method},
-                  **plan.to_json()}
+    return qmod, {
+        "calibration": {"source": dataset.source, "samples": len(dataset), "method": opts.method},
+        **plan.to_json(),
+    }
 
 
-def lower_precision(source, device, specs_in, specs, precision: str, opts: PrecisionOptions,
-                    refresh: bool = False) -> PrecisionResult:
+def lower_precision(
+    source, device, specs_in, specs, precision: str, opts: PrecisionOptions, refresh: bool = False
+) -> PrecisionResult:
     """`source` is a tasks.records.ModelSource (path, sha256); `refresh` ignores the cache."""
     import tvm
 
@@ -82,13 +88,24 @@ def lower_precision(source, device, specs_in, specs, precision: str, opts: Preci
         data_key = _data_digest(load_calibration(opts.calibration, specs))
     elif precision not in ("fp16", "bf16"):
         raise TvmflowError(f"unknown precision {precision!r}; use fp32, fp16, bf16 or int8")
-    key = cache.stage_key("precision", device.target_key(), source.sha256, [str(s) for s in specs_in or []],
-                          precision, json.dumps(opts.to_json(), sort_keys=True), data_key)
+    key = cache.stage_key(
+        "precision",
+        device.target_key(),
+        source.sha256,
+        [str(s) for s in specs_in or []],
+        precision,
+        json.dumps(opts.to_json(), sort_keys=True),
+        data_key,
+    )
     hit = cache.lookup("precision", key, refresh)
     if hit:
-        return PrecisionResult(tvm.ir.load_json((hit / "prepared.json").read_text()), key,
-                               json.loads((hit / "info.json").read_text()),
-                               tvm.ir.load_json((hit / "converted.json").read_text()), True)
+        return PrecisionResult(
+            tvm.ir.load_json((hit / "prepared.json").read_text()),
+            key,
+            json.loads((hit / "info.json").read_text()),
+            tvm.ir.load_json((hit / "converted.json").read_text()),
+            True,
+        )
     imported = import_model(source.path, specs_in)
     if precision == "int8" and opts.reduce_range is None:
         from dataclasses import replace

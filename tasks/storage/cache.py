@@ -14,6 +14,7 @@ the in-memory objects into its result storage per API, and its input hashing can
 model's bytes behind a path. So the stages' Prefect tasks run with NO_CACHE and this module
 caches by content, once, for every stage.
 """
+
 from __future__ import annotations
 
 import contextlib

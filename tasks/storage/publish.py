@@ -6,6 +6,7 @@ an interrupted publish: readers never list or fetch it, and the next publish of 
 model/device removes it once it is older than PARTIAL_MAX_AGE_S (younger ones may still be
 uploading).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,8 @@ import time
 import uuid
 from pathlib import Path
 
-from tasks.storage.cache import sha256_file
 from tasks.errors import TvmflowError
+from tasks.storage.cache import sha256_file
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 PARTIAL_MAX_AGE_S = 3600.0
@@ -24,8 +25,10 @@ PARTIAL_MAX_AGE_S = 3600.0
 def safe_segment(value: str, what: str) -> str:
     """Model/device names become path segments: refuse anything that could escape the prefix."""
     if not SAFE_NAME.match(value or "") or ".." in value:
-        raise TvmflowError(f"{what} name {value!r} is not allowed: use letters, digits, '_', '-', '.' "
-                           "(no '/', '..', or control characters)")
+        raise TvmflowError(
+            f"{what} name {value!r} is not allowed: use letters, digits, '_', '-', '.' "
+            "(no '/', '..', or control characters)"
+        )
     return value
 
 
@@ -55,8 +58,9 @@ def uri_of(store: str, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def publish_build(store: str, model: str, device: str, files: dict[str, Path], manifest_meta: dict,
-                  build_id: str | None = None) -> dict:
+def publish_build(
+    store: str, model: str, device: str, files: dict[str, Path], manifest_meta: dict, build_id: str | None = None
+) -> dict:
     """Upload `files` (name -> local path), then manifest.json, then LATEST (not for a
     `build_only` manifest: unvalidated builds never become LATEST). Returns URIs.
 
@@ -82,8 +86,14 @@ def publish_build(store: str, model: str, device: str, files: dict[str, Path], m
             fs.put_file(str(local), join(prefix, name))
             if fs.size(join(prefix, name)) != entries[name]["size"]:
                 raise OSError(f"{name}: uploaded size differs from the local file")
-        manifest = {**manifest_meta, "build_id": build_id, "model": model, "device": device,
-                    "files": entries, "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        manifest = {
+            **manifest_meta,
+            "build_id": build_id,
+            "model": model,
+            "device": device,
+            "files": entries,
+            "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         write_atomic(fs, join(prefix, "manifest.json"), json.dumps(manifest, indent=2, sort_keys=True).encode())
         if not manifest.get("build_only"):  # a build-only build (never validated) is never LATEST
             write_atomic(fs, join(base, "LATEST"), build_id.encode())
@@ -92,8 +102,11 @@ def publish_build(store: str, model: str, device: str, files: dict[str, Path], m
         if isinstance(err, Exception) and not isinstance(err, TvmflowError):
             raise store_error(err, store, "publishing to") from None
         raise
-    return {"build_id": build_id, "build_uri": uri_of(store, prefix),
-            "manifest_uri": uri_of(store, join(prefix, "manifest.json"))}
+    return {
+        "build_id": build_id,
+        "build_uri": uri_of(store, prefix),
+        "manifest_uri": uri_of(store, join(prefix, "manifest.json")),
+    }
 
 
 def clean_partial_builds(fs, base: str, max_age_s: float = PARTIAL_MAX_AGE_S) -> list[str]:

@@ -13,6 +13,7 @@ Two ways in: `with_store_results` for flows called from Python (the CLI, flows/r
 the run's `store` parameter (changeable per run in the UI) and tasks' persistence is switched
 off through the deployment's environment (TASK_RESULTS_ENV, set by deployments/generate.py).
 """
+
 from __future__ import annotations
 
 import functools

@@ -7,6 +7,7 @@ for with `allow_unvalidated`. A fetch downloads into a temporary folder beside `
 only then moves the files in: on any mismatch it raises and `out_dir` is left as it was
 (absent, or empty). Only folders with a manifest.json are builds; LATEST names the newest.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,8 +53,9 @@ def _read(fs, path: str, store: str, missing: str) -> bytes:
         raise store_error(err, store, "reading") from None
 
 
-def resolve_build(store: str, model: str, device: str, build: str | None = "latest",
-                  allow_unvalidated: bool = False) -> str:
+def resolve_build(
+    store: str, model: str, device: str, build: str | None = "latest", allow_unvalidated: bool = False
+) -> str:
     """The build id `build` names: itself, or what LATEST holds for 'latest' (with
     `allow_unvalidated` and no LATEST: the newest build, build-only ones included)."""
     fs, _ = store_fs(store)
@@ -63,9 +65,17 @@ def resolve_build(store: str, model: str, device: str, build: str | None = "late
             rows = list_builds(store, model, device)
             if rows:
                 return rows[0]["build_id"]
-        text = _read(fs, join(base, "LATEST"), store,
-                     f"no published build of {model!r} for device {device!r} in {clean_uri(store)}; "
-                     "see `tvmflow builds` for what there is").decode().strip()
+        text = (
+            _read(
+                fs,
+                join(base, "LATEST"),
+                store,
+                f"no published build of {model!r} for device {device!r} in {clean_uri(store)}; "
+                "see `tvmflow builds` for what there is",
+            )
+            .decode()
+            .strip()
+        )
         return safe_segment(text, "build id")
     return safe_segment(build, "build id")
 
@@ -73,8 +83,13 @@ def resolve_build(store: str, model: str, device: str, build: str | None = "late
 def read_manifest(store: str, model: str, device: str, build_id: str) -> dict:
     fs, _ = store_fs(store)
     path = join(build_prefix(store, model, device, build_id), "manifest.json")
-    raw = _read(fs, path, store, f"build {build_id!r} of {model!r} for {device!r} does not exist or is "
-                                 f"incomplete (no manifest) in {clean_uri(store)}; see `tvmflow builds`")
+    raw = _read(
+        fs,
+        path,
+        store,
+        f"build {build_id!r} of {model!r} for {device!r} does not exist or is "
+        f"incomplete (no manifest) in {clean_uri(store)}; see `tvmflow builds`",
+    )
     try:
         manifest = json.loads(raw)
     except ValueError:
@@ -92,8 +107,12 @@ def list_builds(store: str, model: str | None = None, device: str | None = None)
     """Every complete build (newest first): date, precision, latency, validation, trials, latest?"""
     check_store(store)  # else a missing bucket would just list nothing
     fs, root = store_fs(store)
-    pattern = join(root, "builds", safe_segment(model, "model") if model else "*",
-                   safe_segment(device, "device") if device else "*")
+    pattern = join(
+        root,
+        "builds",
+        safe_segment(model, "model") if model else "*",
+        safe_segment(device, "device") if device else "*",
+    )
     try:
         manifests = fs.glob(join(pattern, "*", "manifest.json"))
         latest_files = fs.glob(join(pattern, "LATEST"))
@@ -114,17 +133,31 @@ def list_builds(store: str, model: str | None = None, device: str | None = None)
         folder = path.rsplit("/", 1)[0]
         base, build_id = folder.rsplit("/", 1)
         validation = manifest.get("validation") or {}
-        rows.append({
-            "model": manifest.get("model"), "device": manifest.get("device"), "build_id": build_id,
-            "published_at": manifest.get("published_at"), "precision": manifest.get("precision"),
-            "latency_ms": manifest.get("latency_ms"), "validation": {
-                k: validation.get(k) for k in ("passed", "samples", "max_abs_err", "max_rel_err", "top1_agreement")},
-            "trials": manifest.get("trials"), "tvm_version": manifest.get("tvm_version"),
-            "validated": is_validated(manifest), "build_only": bool(manifest.get("build_only")),
-            "latest": latest.get(base) == build_id, "uri": uri_of(store, folder)})
+        rows.append(
+            {
+                "model": manifest.get("model"),
+                "device": manifest.get("device"),
+                "build_id": build_id,
+                "published_at": manifest.get("published_at"),
+                "precision": manifest.get("precision"),
+                "latency_ms": manifest.get("latency_ms"),
+                "validation": {
+                    k: validation.get(k) for k in ("passed", "samples", "max_abs_err", "max_rel_err", "top1_agreement")
+                },
+                "trials": manifest.get("trials"),
+                "tvm_version": manifest.get("tvm_version"),
+                "validated": is_validated(manifest),
+                "build_only": bool(manifest.get("build_only")),
+                "latest": latest.get(base) == build_id,
+                "uri": uri_of(store, folder),
+            }
+        )
     # build ids start with their UTC time: they break ties of builds published in the same second
-    return sorted(rows, key=lambda r: (r["model"] or "", r["device"] or "", r["published_at"] or "",
-                                       r["build_id"] or ""), reverse=True)
+    return sorted(
+        rows,
+        key=lambda r: (r["model"] or "", r["device"] or "", r["published_at"] or "", r["build_id"] or ""),
+        reverse=True,
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -142,12 +175,20 @@ def verify_files(folder: Path, manifest: dict) -> None:
         if not local.is_file():
             raise TvmflowError(f"{name} is missing from the build; refusing it")
         if local.stat().st_size != entry.get("size") or _sha256(local) != entry.get("sha256"):
-            raise TvmflowError(f"{name} does not match the sha256 in the manifest (tampered or corrupt); "
-                               "refusing the build, nothing was written")
+            raise TvmflowError(
+                f"{name} does not match the sha256 in the manifest (tampered or corrupt); "
+                "refusing the build, nothing was written"
+            )
 
 
-def fetch_build(store: str, model: str, device: str, build: str | None = "latest",
-                out_dir: str | os.PathLike = "build", allow_unvalidated: bool = False) -> FetchedBuild:
+def fetch_build(
+    store: str,
+    model: str,
+    device: str,
+    build: str | None = "latest",
+    out_dir: str | os.PathLike = "build",
+    allow_unvalidated: bool = False,
+) -> FetchedBuild:
     """Download one build into out_dir (absent or empty), every file verified against the manifest.
     A build-only (unvalidated) build only with `allow_unvalidated`."""
     fs, _ = store_fs(store)
@@ -157,8 +198,10 @@ def fetch_build(store: str, model: str, device: str, build: str | None = "latest
     build_id = resolve_build(store, model, device, build, allow_unvalidated)
     manifest = read_manifest(store, model, device, build_id)
     if not is_validated(manifest) and not allow_unvalidated:
-        raise TvmflowError(f"build {build_id!r} of {model!r} for {device!r} is unvalidated (build-only: never run "
-                           "on the device); pass --allow-unvalidated to fetch it anyway")
+        raise TvmflowError(
+            f"build {build_id!r} of {model!r} for {device!r} is unvalidated (build-only: never run "
+            "on the device); pass --allow-unvalidated to fetch it anyway"
+        )
     prefix = build_prefix(store, model, device, build_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.fetch-", dir=out.parent))
@@ -167,8 +210,9 @@ def fetch_build(store: str, model: str, device: str, build: str | None = "latest
             try:
                 fs.get_file(join(prefix, name), str(staging / name))
             except FileNotFoundError:
-                raise TvmflowError(f"{name} listed in the manifest is missing from the store; refusing "
-                                   "the build") from None
+                raise TvmflowError(
+                    f"{name} listed in the manifest is missing from the store; refusing the build"
+                ) from None
             except Exception as err:  # noqa: BLE001
                 raise store_error(err, store, "downloading from") from None
         verify_files(staging, manifest)
@@ -215,8 +259,14 @@ def _host_arch_ok(target: dict) -> bool:
     return triple.split("-")[0] == platform.machine()
 
 
-def load_build(store: str, model: str, device: str, build: str | None = "latest",
-               out_dir: str | os.PathLike | None = None, dev: str = "cpu") -> LoadedBuild:
+def load_build(
+    store: str,
+    model: str,
+    device: str,
+    build: str | None = "latest",
+    out_dir: str | os.PathLike | None = None,
+    dev: str = "cpu",
+) -> LoadedBuild:
     """Fetch (or reuse a fetched and re-verified copy), then load the library into a Relax VM."""
     import tvm
     from tvm import relax
@@ -226,10 +276,15 @@ def load_build(store: str, model: str, device: str, build: str | None = "latest"
     build_id = resolve_build(store, model, device, build)
     manifest = read_manifest(store, model, device, build_id)
     if not _host_arch_ok(manifest.get("target")):
-        raise TvmflowError(f"build {build_id!r} targets {manifest['target'].get('mtriple')}, not this "
-                           f"{platform.machine()} host; fetch it with `tvmflow fetch` and load it on the device")
-    folder = Path(out_dir) if out_dir else cache.cache_root() / "fetched" / safe_segment(model, "model") / \
-        safe_segment(device, "device") / build_id
+        raise TvmflowError(
+            f"build {build_id!r} targets {manifest['target'].get('mtriple')}, not this "
+            f"{platform.machine()} host; fetch it with `tvmflow fetch` and load it on the device"
+        )
+    folder = (
+        Path(out_dir)
+        if out_dir
+        else cache.cache_root() / "fetched" / safe_segment(model, "model") / safe_segment(device, "device") / build_id
+    )
     if folder.exists() and any(folder.iterdir()):
         try:
             verify_files(folder, manifest)  # re-verified on every load: the folder is writable

@@ -6,6 +6,7 @@ is accepted too, but such a URI is never logged, reported or written anywhere: e
 that reaches a user goes through `redact`. Store failures become one-line TvmflowErrors that say
 what to fix (missing bucket, wrong credentials, unreachable endpoint).
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,16 @@ from tasks.errors import TvmflowError
 # scheme://user:secret@host -> scheme://***@host ; ?secret=...&token=... -> ***
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)[^@\s'\"]+@")
 _SECRET_QUERY = re.compile(r"(?i)([?&;][\w.-]*(?:key|secret|token|signature|password|credential)[\w.-]*=)[^&\s'\"]*")
-_AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-            "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
+_AWS_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
 _FS_CACHE: dict = {}
 _FS_LOCK = threading.Lock()
 
@@ -87,18 +96,28 @@ def store_error(err: BaseException, store: str, action: str = "accessing") -> Tv
     low = text.lower()
     if "bucket does not exist" in low or "nosuchbucket" in low:
         bucket = _bucket(split_credentials(str(store))[0].split("://", 1)[-1])
-        return TvmflowError(f"{action} {where} failed: bucket {bucket!r} does not exist; create it "
-                            "(e.g. `aws s3 mb s3://" + bucket + "`) or fix --store")
+        return TvmflowError(
+            f"{action} {where} failed: bucket {bucket!r} does not exist; create it "
+            "(e.g. `aws s3 mb s3://" + bucket + "`) or fix --store"
+        )
     if name in ("NoCredentialsError", "PartialCredentialsError"):
-        return TvmflowError(f"{action} {where} failed: no S3 credentials found; set AWS_ACCESS_KEY_ID and "
-                            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
+        return TvmflowError(
+            f"{action} {where} failed: no S3 credentials found; set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+        )
     if isinstance(err, PermissionError) or "accessdenied" in low or "signature" in low or "access key" in low:
-        return TvmflowError(f"{action} {where} failed: access denied ({text}); check AWS_ACCESS_KEY_ID / "
-                            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, and that the key may use this bucket")
-    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError") or \
-            "could not connect" in low or "connection refused" in low:
-        return TvmflowError(f"{action} {where} failed: cannot reach the S3 endpoint ({text}); "
-                            "check AWS_ENDPOINT_URL and the network")
+        return TvmflowError(
+            f"{action} {where} failed: access denied ({text}); check AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, and that the key may use this bucket"
+        )
+    if (
+        name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError")
+        or "could not connect" in low
+        or "connection refused" in low
+    ):
+        return TvmflowError(
+            f"{action} {where} failed: cannot reach the S3 endpoint ({text}); check AWS_ENDPOINT_URL and the network"
+        )
     return TvmflowError(f"{action} {where} failed ({name}: {text}); check the store URI and credentials")
 
 

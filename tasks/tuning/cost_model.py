@@ -6,6 +6,7 @@ model for all tasks of a session, saved next to the tuning database and loaded b
 session, starts that session warm: its first round is already ranked by what earlier sessions
 measured (tests/tuning/test_joint.py checks the ranking is better than a fresh model's).
 """
+
 from __future__ import annotations
 
 import logging

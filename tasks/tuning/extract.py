@@ -1,4 +1,5 @@
 """Extract MetaSchedule tuning tasks and spread the trial budget over them by weighted FLOPs."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,8 +29,14 @@ def fuse_passes(target) -> list:
         dispatch = rp.library_dispatch_passes(target)
     except (ValueError, AttributeError):
         dispatch = []
-    return [*dispatch, relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    return [
+        *dispatch,
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
 
 
 LAYOUTS = ("NCHW", "NHWC")
@@ -65,8 +72,15 @@ def convert_layout(mod, layout: str):
     return relax.transform.FoldConstant()(mod)
 
 
-def prepare_for_tuning(mod, target, max_rounds: int = 6, fold_bn: bool = True, layout: str = "NCHW",
-                       vendor: str | None = None, vendor_only: set | None = None):
+def prepare_for_tuning(
+    mod,
+    target,
+    max_rounds: int = 6,
+    fold_bn: bool = True,
+    layout: str = "NCHW",
+    vendor: str | None = None,
+    vendor_only: set | None = None,
+):
     """Lower and fuse Relax until fusion changes nothing more, then extract from that.
 
     Graph preparation first (each step keeps outputs equal to the source framework, see
@@ -128,8 +142,9 @@ def extract_tasks(mod, target) -> list[TuningTask]:
     return sorted(tasks, key=lambda t: -t.weighted_flops)
 
 
-def allocate_trials(tasks: list[TuningTask], total: int, per_iter: int = 16,
-                    min_share: float = 0.0001) -> list[TuningTask]:
+def allocate_trials(
+    tasks: list[TuningTask], total: int, per_iter: int = 16, min_share: float = 0.0001
+) -> list[TuningTask]:
     """Give each task trials in proportion to its weighted FLOPs, in whole measurement rounds.
 
     Tasks under `min_share` of the total FLOPs (reshapes, tiny adds) get none: a round of

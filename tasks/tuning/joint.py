@@ -13,6 +13,7 @@ logged per round: "[task i/N] name: trials, best ms".
 Measurement scales with devices: RPCRunner(max_workers=servers) measures `servers` candidates at
 once and each round has at least 2 x servers candidates; builders use every host core.
 """
+
 from __future__ import annotations
 
 import functools
@@ -65,8 +66,15 @@ def tunable(tasks: list[TuningTask], min_share: float = 0.0001) -> list[TuningTa
     return [t for t in tasks if t.weighted_flops / total >= min_share]
 
 
-def _callback(results: list[TuneResult], started: float, time_budget_s: float | None, patience: int,
-              min_gain: float, report, summary: JointSummary):
+def _callback(
+    results: list[TuneResult],
+    started: float,
+    time_budget_s: float | None,
+    patience: int,
+    min_gain: float,
+    report,
+    summary: JointSummary,
+):
     """Per round: count trials, track the best, log, stop converged tasks / the whole session."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
@@ -100,13 +108,18 @@ def _callback(results: list[TuneResult], started: float, time_budget_s: float | 
             improved = before is None or (result.best_ms is not None and result.best_ms < before * (1 - min_gain))
             stale[task_id] = 0 if improved else stale[task_id] + 1
             best = f"{result.best_ms:.4f} ms" if result.best_ms is not None else "none valid yet"
-            report(f"[task {task_id + 1}/{total}] {result.name}: {result.trials_run} trials, best {best}"
-                   + (f", {failed} failed" if failed else "") + f" ({summary.trials_run} in all, {elapsed:.0f} s)")
+            report(
+                f"[task {task_id + 1}/{total}] {result.name}: {result.trials_run} trials, best {best}"
+                + (f", {failed} failed" if failed else "")
+                + f" ({summary.trials_run} in all, {elapsed:.0f} s)"
+            )
             if stale[task_id] >= patience and task_id not in done:
                 done.add(task_id)
                 result.cached = False
-                report(f"[task {task_id + 1}/{total}] {result.name}: stopped, no gain over "
-                       f"{min_gain:.0%} in {patience} rounds")
+                report(
+                    f"[task {task_id + 1}/{total}] {result.name}: stopped, no gain over "
+                    f"{min_gain:.0%} in {patience} rounds"
+                )
                 task_scheduler.terminate_task(task_id)
                 if len(done) == total:
                     summary.stopped_by = "every task converged"
@@ -120,11 +133,25 @@ def _callback(results: list[TuneResult], started: float, time_budget_s: float | 
     return JointProgress()
 
 
-def tune_jointly(tasks: list[TuningTask], device, tracker: tuple[str, int], servers: int,
-                 work_dir: str | Path, seed_db_dir: str | None = None, cost_model_dir: str | Path | None = None,
-                 trials: int = 200, time_budget_s: float | None = None, log=None, per_iter: int = 16,
-                 patience: int = 3, min_gain: float = 0.01, builder_workers: int | None = None,
-                 use_slots: bool = True, seed: int = 1, population: int = 128) -> list[TuneResult]:
+def tune_jointly(
+    tasks: list[TuningTask],
+    device,
+    tracker: tuple[str, int],
+    servers: int,
+    work_dir: str | Path,
+    seed_db_dir: str | None = None,
+    cost_model_dir: str | Path | None = None,
+    trials: int = 200,
+    time_budget_s: float | None = None,
+    log=None,
+    per_iter: int = 16,
+    patience: int = 3,
+    min_gain: float = 0.01,
+    builder_workers: int | None = None,
+    use_slots: bool = True,
+    seed: int = 1,
+    population: int = 128,
+) -> list[TuneResult]:
     """Search every tunable task of `tasks` in one session; return one TuneResult per task
     (trials_run 0 for tasks that got none), in `tasks`' order.
 
@@ -152,42 +179,69 @@ def tune_jointly(tasks: list[TuningTask], device, tracker: tuple[str, int], serv
     if chosen:
         target = tvm.target.Target(device.target)
         cores = os.cpu_count() or 1
-        builder = ms.builder.LocalBuilder(max_workers=builder_workers or cores, timeout_sec=60, f_build=lean_build,
-                                          f_export=functools.partial(export_with, cross_compiler=device.cross_compiler))
+        builder = ms.builder.LocalBuilder(
+            max_workers=builder_workers or cores,
+            timeout_sec=60,
+            f_build=lean_build,
+            f_export=functools.partial(export_with, cross_compiler=device.cross_compiler),
+        )
         runner = ms.runner.RPCRunner(
-            rpc_config=ms.runner.RPCConfig(tracker_host=tracker[0], tracker_port=tracker[1],
-                                           tracker_key=device.rpc_key, session_timeout_sec=60),
+            rpc_config=ms.runner.RPCConfig(
+                tracker_host=tracker[0], tracker_port=tracker[1], tracker_key=device.rpc_key, session_timeout_sec=60
+            ),
             evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40),
-            max_workers=max(servers, 1))
+            max_workers=max(servers, 1),
+        )
         if use_slots:
             from tasks.devices.capacity import limited_runner
 
             runner = limited_runner(runner, device.rpc_key, servers)
-        database = ms.database.JSONDatabase(path_workload=str(work_dir / "database_workload.json"),
-                                            path_tuning_record=str(work_dir / "database_tuning_record.json"))
+        database = ms.database.JSONDatabase(
+            path_workload=str(work_dir / "database_workload.json"),
+            path_tuning_record=str(work_dir / "database_tuning_record.json"),
+        )
         if seed_db_dir:
             seed_database(database, seed_db_dir)
         cost_model, summary.cost_model_warm = load_model(cost_model_dir, cores)
         contexts = []
         for i, task in enumerate(chosen):
             mod = tvm.ir.load_json(task.mod_json)
-            strategy = ms.search_strategy.EvolutionarySearch(population_size=population,
-                                                             init_min_unmeasured=min(50, population // 2),
-                                                             genetic_num_iters=2)
-            contexts.append(ms.TuneContext(mod=mod, target=target, space_generator=space_for(mod, device.target),
-                                           search_strategy=strategy, task_name=task.name,
-                                           num_threads=cores, rand_state=seed + i))
-        report(f"joint tuning: {len(chosen)} of {len(tasks)} tasks, {trials} trials, {summary.per_iter} per round, "
-               f"{servers} device worker(s), cost model {'warm' if summary.cost_model_warm else 'fresh'}"
-               + (f", time budget {time_budget_s:.0f} s" if time_budget_s else ""))
+            strategy = ms.search_strategy.EvolutionarySearch(
+                population_size=population, init_min_unmeasured=min(50, population // 2), genetic_num_iters=2
+            )
+            contexts.append(
+                ms.TuneContext(
+                    mod=mod,
+                    target=target,
+                    space_generator=space_for(mod, device.target),
+                    search_strategy=strategy,
+                    task_name=task.name,
+                    num_threads=cores,
+                    rand_state=seed + i,
+                )
+            )
+        report(
+            f"joint tuning: {len(chosen)} of {len(tasks)} tasks, {trials} trials, {summary.per_iter} per round, "
+            f"{servers} device worker(s), cost model {'warm' if summary.cost_model_warm else 'fresh'}"
+            + (f", time budget {time_budget_s:.0f} s" if time_budget_s else "")
+        )
         try:
-            ms.tune_tasks(tasks=contexts, task_weights=[float(t.weight) for t in chosen], work_dir=str(work_dir),
-                          max_trials_global=trials, num_trials_per_iter=summary.per_iter,
-                          builder=builder, runner=runner, database=database, cost_model=cost_model,
-                          task_scheduler=ms.task_scheduler.GradientBased(seed=seed),
-                          measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
-                                             _callback(results, started, time_budget_s, patience, min_gain,
-                                                       report, summary)])
+            ms.tune_tasks(
+                tasks=contexts,
+                task_weights=[float(t.weight) for t in chosen],
+                work_dir=str(work_dir),
+                max_trials_global=trials,
+                num_trials_per_iter=summary.per_iter,
+                builder=builder,
+                runner=runner,
+                database=database,
+                cost_model=cost_model,
+                task_scheduler=ms.task_scheduler.GradientBased(seed=seed),
+                measure_callbacks=[
+                    *ms.measure_callback.MeasureCallback.create("default"),
+                    _callback(results, started, time_budget_s, patience, min_gain, report, summary),
+                ],
+            )
         except Exception as err:  # noqa: BLE001 - keep what was measured; say why it ended
             text = str(err).strip()
             summary.stopped_by = f"error: {err.__class__.__name__}: {text.splitlines()[-1][:300] if text else ''}"
@@ -203,13 +257,22 @@ def tune_jointly(tasks: list[TuningTask], device, tracker: tuple[str, int], serv
         if result.trials_run and not result.valid and not result.error:
             result.error = f"no valid candidate in {result.trials_run} trials"
     by_name = {r.name: r for r in results}
-    out = [by_name.get(t.name) or TuneResult(t.name, 0, db_dir=str(work_dir), curve=[],
-                                            error="not tuned: too few FLOPs to matter" if trials > 0
-                                            else "not tuned: no trials")
-           for t in tasks]
+    out = [
+        by_name.get(t.name)
+        or TuneResult(
+            t.name,
+            0,
+            db_dir=str(work_dir),
+            curve=[],
+            error="not tuned: too few FLOPs to matter" if trials > 0 else "not tuned: no trials",
+        )
+        for t in tasks
+    ]
     summary.results = out
     (work_dir / "joint.json").write_text(json.dumps(summary.to_json(), default=str))
-    report(f"joint tuning done: {summary.trials_run} trials in {summary.seconds:.0f} s, stopped by {summary.stopped_by}")
+    report(
+        f"joint tuning done: {summary.trials_run} trials in {summary.seconds:.0f} s, stopped by {summary.stopped_by}"
+    )
     return out
 
 

@@ -1,4 +1,5 @@
 """Merge per-task tuning databases into one, keeping the best record per workload."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,8 +17,9 @@ def open_db(folder: str | Path):
     register_all()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(path_workload=str(folder / DB_FILES[0]),
-                                    path_tuning_record=str(folder / DB_FILES[1]))
+    return ms.database.JSONDatabase(
+        path_workload=str(folder / DB_FILES[0]), path_tuning_record=str(folder / DB_FILES[1])
+    )
 
 
 def has_db(folder: str | Path) -> bool:
@@ -41,8 +43,9 @@ def merge_databases(sources: list[str | Path], out_dir: str | Path, verify_targe
             continue
         for record in open_db(src).get_all_tuning_records():
             workload = memory.commit_workload(record.workload.mod)
-            memory.commit_tuning_record(ms.database.TuningRecord(
-                record.trace, workload, record.run_secs, record.target, record.args_info))
+            memory.commit_tuning_record(
+                ms.database.TuningRecord(record.trace, workload, record.run_secs, record.target, record.args_info)
+            )
     out_dir = Path(out_dir)
     for name in DB_FILES:
         (out_dir / name).unlink(missing_ok=True)
@@ -70,11 +73,15 @@ def _dump_verified(memory, merged, target: dict, top_k: int = 5) -> None:
         for candidate in memory.get_top_k(record.workload, top_k):
             if record_is_correct(mod, candidate.trace, target):
                 workload = merged.commit_workload(mod)
-                merged.commit_tuning_record(ms.database.TuningRecord(
-                    candidate.trace, workload, candidate.run_secs, candidate.target, candidate.args_info))
+                merged.commit_tuning_record(
+                    ms.database.TuningRecord(
+                        candidate.trace, workload, candidate.run_secs, candidate.target, candidate.args_info
+                    )
+                )
                 break
             logging.getLogger("tvmflow.pick_best").warning(
-                "dropped a tuned record that computes a different result than the default kernel")
+                "dropped a tuned record that computes a different result than the default kernel"
+            )
 
 
 def record_is_correct(mod, trace, target: dict, rtol: float = 1e-4) -> bool:
@@ -92,8 +99,9 @@ def record_is_correct(mod, trace, target: dict, rtol: float = 1e-4) -> bool:
     arrays = []
     for info in ms.arg_info.ArgInfo.from_prim_func(func):
         shape, dtype = [int(d) for d in info.shape], str(info.dtype)
-        arrays.append(rng.integers(-8, 8, shape).astype(dtype) if "int" in dtype
-                      else rng.uniform(-1, 1, shape).astype(dtype))
+        arrays.append(
+            rng.integers(-8, 8, shape).astype(dtype) if "int" in dtype else rng.uniform(-1, 1, shape).astype(dtype)
+        )
     outputs = []
     for candidate in (mod, sch.mod):
         lib = tvm.compile(candidate, target=tvm.target.Target(target))

@@ -4,6 +4,7 @@ A Dask worker on another machine has its own cache folder: a path it returns mea
 the flow, and a seed path the flow passes means nothing to it. The few-KB JSON files travel
 inside the task's arguments and result instead, and land in content-addressed cache folders.
 """
+
 from __future__ import annotations
 
 import hashlib

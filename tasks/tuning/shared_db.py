@@ -16,6 +16,7 @@ warm-starts every task that has trials instead of reusing its records as they ar
 
 Results cross this module as JSON dicts (tasks.records.TaskResult.to_json()): it stores them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -145,8 +146,13 @@ class ReusePlan:
 
     def summary(self) -> dict:
         counts = {k: sum(1 for d in self.decisions.values() if d == k) for k in ("reused", "warm", "fresh")}
-        return {"reused": counts["reused"], "warm_started": counts["warm"], "fresh": counts["fresh"],
-                "shards": self.shared.shards, "store": self.shared.uri}
+        return {
+            "reused": counts["reused"],
+            "warm_started": counts["warm"],
+            "fresh": counts["fresh"],
+            "shards": self.shared.shards,
+            "store": self.shared.uri,
+        }
 
     def results(self, tuned: list[dict], plan: list[TuningTask]) -> list[dict]:
         """Tuned and reused results, in the plan's order."""
@@ -170,13 +176,15 @@ def _write_records(records, folder: Path) -> Path:
     out = open_db(folder)
     for record in records:
         workload = out.commit_workload(record.workload.mod)
-        out.commit_tuning_record(ms.database.TuningRecord(record.trace, workload, record.run_secs,
-                                                          record.target, record.args_info))
+        out.commit_tuning_record(
+            ms.database.TuningRecord(record.trace, workload, record.run_secs, record.target, record.args_info)
+        )
     return folder
 
 
-def plan_reuse(plan: list[TuningTask], shared: SharedTuning, work_dir: str | Path,
-               reuse_paid: bool = True) -> ReusePlan:
+def plan_reuse(
+    plan: list[TuningTask], shared: SharedTuning, work_dir: str | Path, reuse_paid: bool = True
+) -> ReusePlan:
     """Split `plan` into reused / warm-started / fresh tasks (see the module docstring)."""
     work_dir = Path(work_dir)
     db = open_db(shared.db_dir) if shared.db_dir else None
@@ -191,17 +199,27 @@ def plan_reuse(plan: list[TuningTask], shared: SharedTuning, work_dir: str | Pat
             secs = [float(s) for s in records[0].run_secs or []]
             folder = _write_records(records, work_dir / "reused" / keys[task.name])
             reuse.reused[task.name] = {
-                "name": task.name, "trials_planned": task.trials, "trials_run": 0, "valid": len(records),
-                "best_ms": 1000 * sum(secs) / len(secs) if secs else None, "seconds": 0.0,
-                "db_dir": str(folder), "error": None, "cached": False, "curve": [],
-                "reused": True, "trials_prior": paid}
+                "name": task.name,
+                "trials_planned": task.trials,
+                "trials_run": 0,
+                "valid": len(records),
+                "best_ms": 1000 * sum(secs) / len(secs) if secs else None,
+                "seconds": 0.0,
+                "db_dir": str(folder),
+                "error": None,
+                "cached": False,
+                "curve": [],
+                "reused": True,
+                "trials_prior": paid,
+            }
             reuse.decisions[task.name] = "reused"
             continue
         if task.trials <= 0:  # nothing to search: settled here, not shipped to the tuning fan-out
             from tasks.tuning.tune import TuneResult
 
-            reuse.reused[task.name] = TuneResult(task.name, 0, error="not tuned: no trials allotted "
-                                                 "(too few FLOPs to matter)", curve=[]).to_json()
+            reuse.reused[task.name] = TuneResult(
+                task.name, 0, error="not tuned: no trials allotted (too few FLOPs to matter)", curve=[]
+            ).to_json()
             reuse.decisions[task.name] = "untuned"
             continue
         reuse.to_tune.append(task)
@@ -228,22 +246,36 @@ def run_index(reuse: ReusePlan, results: list[dict]) -> dict[str, dict]:
     return index
 
 
-def push_shard(store: str, device: DeviceProfile, db_dirs: list[str | Path], workloads: dict[str, dict],
-               work_dir: str | Path, run_id: str | None = None, extra: dict | None = None) -> str | None:
+def push_shard(
+    store: str,
+    device: DeviceProfile,
+    db_dirs: list[str | Path],
+    workloads: dict[str, dict],
+    work_dir: str | Path,
+    run_id: str | None = None,
+    extra: dict | None = None,
+) -> str | None:
     """Upload records as a new shard (db files, then meta.json). Returns its URI, None if empty."""
     if not workloads:
         return None
     fs, _ = store_fs(store)
-    run_id = safe_segment(run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8],
-                          "run id")
+    run_id = safe_segment(
+        run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8], "run id"
+    )
     local = Path(work_dir) / f"shard-{run_id}"
     local.mkdir(parents=True, exist_ok=True)
     if not merge_databases(list(db_dirs), local):
         return None
     shard = join(tuning_prefix(store, device.name), "shards", run_id)
-    meta = {"run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "tvm_version": tvm_version(), "device": device.name, "target": device.target_key(),
-            "workloads": workloads, **(extra or {})}
+    meta = {
+        "run_id": run_id,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tvm_version": tvm_version(),
+        "device": device.name,
+        "target": device.target_key(),
+        "workloads": workloads,
+        **(extra or {}),
+    }
     try:
         if is_local(fs):
             fs.makedirs(shard, exist_ok=True)  # a local store has no folders yet (s3fs's would create a bucket)
@@ -255,8 +287,9 @@ def push_shard(store: str, device: DeviceProfile, db_dirs: list[str | Path], wor
     return uri_of(store, shard)
 
 
-def push_run(store: str, device: DeviceProfile, reuse: ReusePlan, results: list[dict], work_dir: str | Path,
-             model: str = "") -> str | None:
+def push_run(
+    store: str, device: DeviceProfile, reuse: ReusePlan, results: list[dict], work_dir: str | Path, model: str = ""
+) -> str | None:
     """Add this run's newly tuned records to the shared database; compact when it has many shards."""
     index = run_index(reuse, results)
     dirs = [r["db_dir"] for r in results if reuse.keys.get(r["name"]) in index]
@@ -304,12 +337,14 @@ def compact(store: str, device: DeviceProfile, work_dir: str | Path) -> int:
     return len(folded)
 
 
-def prepare(store: str, device: DeviceProfile, plan: list[TuningTask], work_dir: str | Path,
-            reuse_paid: bool = True) -> ReusePlan:
+def prepare(
+    store: str, device: DeviceProfile, plan: list[TuningTask], work_dir: str | Path, reuse_paid: bool = True
+) -> ReusePlan:
     """load_shared + plan_reuse, logged: the pipeline's step before tuning (compile and retune)."""
     reuse = plan_reuse(plan, load_shared(store, device, Path(work_dir) / "shared-tuning"), work_dir, reuse_paid)
     s = reuse.summary()
-    run_logger().info(f"shared tuning database ({s['shards']} shards): {s['reused']} tasks reused, "
-                      f"{s['warm_started']} warm-started, {s['fresh']} tuned fresh")
+    run_logger().info(
+        f"shared tuning database ({s['shards']} shards): {s['reused']} tasks reused, "
+        f"{s['warm_started']} warm-started, {s['fresh']} tuned fresh"
+    )
     return reuse
-

@@ -4,6 +4,7 @@ workers through a TVM RPC tracker, with the XGBoost cost model.
 The builder and runner are shared by every task tuned in one process: starting the runner's
 popen pool costs ~30 s here, paid once instead of once per task.
 """
+
 from __future__ import annotations
 
 import functools
@@ -14,9 +15,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tasks.build.int8_isa import space_for  # packed int8 GEMMs (tasks.build.int8_pack) get the tensorize space
 from tasks.devices.capacity import limited_runner
 from tasks.tuning.extract import TuningTask
-from tasks.build.int8_isa import space_for  # packed int8 GEMMs (tasks.build.int8_pack) get the tensorize space
 
 log = logging.getLogger("tvmflow.tune")
 INVALID_SECS = 1e9  # MetaSchedule stores failed candidates with huge run_secs
@@ -64,8 +65,14 @@ _SHARED: dict = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def measure_tools(tracker_host: str, tracker_port: int, key: str, servers: int,
-                  cross_compiler: str | None = None, session_timeout: int = 60):
+def measure_tools(
+    tracker_host: str,
+    tracker_port: int,
+    key: str,
+    servers: int,
+    cross_compiler: str | None = None,
+    session_timeout: int = 60,
+):
     """(builder, runner) shared across tasks of this process for one tracker/key."""
     from tvm.s_tir import meta_schedule as ms
 
@@ -73,21 +80,29 @@ def measure_tools(tracker_host: str, tracker_port: int, key: str, servers: int,
     with _SHARED_LOCK:
         if ident not in _SHARED:
             builder = ms.builder.LocalBuilder(
-                max_workers=2, timeout_sec=60, f_build=lean_build,
-                f_export=functools.partial(export_with, cross_compiler=cross_compiler))
+                max_workers=2,
+                timeout_sec=60,
+                f_build=lean_build,
+                f_export=functools.partial(export_with, cross_compiler=cross_compiler),
+            )
             runner = ms.runner.RPCRunner(
-                rpc_config=ms.runner.RPCConfig(tracker_host=tracker_host, tracker_port=tracker_port,
-                                               tracker_key=key, session_timeout_sec=session_timeout),
+                rpc_config=ms.runner.RPCConfig(
+                    tracker_host=tracker_host,
+                    tracker_port=tracker_port,
+                    tracker_key=key,
+                    session_timeout_sec=session_timeout,
+                ),
                 evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40),
-                max_workers=max(servers, 1))
+                max_workers=max(servers, 1),
+            )
             _SHARED[ident] = (builder, runner)
         return _SHARED[ident]
 
 
 def _progress_callback(result: TuneResult, label: str, report):
     """A MeasureCallback that logs trials and best latency after every measured round."""
-    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
     from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
     @derived_object
     class Progress(PyMeasureCallback):
@@ -106,15 +121,27 @@ def _progress_callback(result: TuneResult, label: str, report):
             if errors and result.valid == 0:
                 result.error = errors[0][:300]
             best = f"{result.best_ms:.4f} ms" if result.best_ms is not None else "none valid yet"
-            report(f"{label} {result.name}: {result.trials_run}/{result.trials_planned} trials, "
-                   f"best {best}" + (f", {len(errors)} failed this round" if errors else ""))
+            report(
+                f"{label} {result.name}: {result.trials_run}/{result.trials_planned} trials, "
+                f"best {best}" + (f", {len(errors)} failed this round" if errors else "")
+            )
 
     return Progress()
 
 
-def tune_task(task: TuningTask, target: dict, work_dir: str | Path, tracker: tuple[str, int], key: str,
-              servers: int = 1, cross_compiler: str | None = None, label: str = "",
-              report=None, per_iter: int = 16, seed_db_dir: str | None = None) -> TuneResult:
+def tune_task(
+    task: TuningTask,
+    target: dict,
+    work_dir: str | Path,
+    tracker: tuple[str, int],
+    key: str,
+    servers: int = 1,
+    cross_compiler: str | None = None,
+    label: str = "",
+    report=None,
+    per_iter: int = 16,
+    seed_db_dir: str | None = None,
+) -> TuneResult:
     """Search schedules for one task; never raises for device-side failures (they go in `error`)."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
@@ -130,26 +157,45 @@ def tune_task(task: TuningTask, target: dict, work_dir: str | Path, tracker: tup
     try:
         builder, runner = measure_tools(*tracker, key, servers, cross_compiler)
         runner = limited_runner(runner, key, servers)  # measurements hold the device's global slots
-        database = ms.database.JSONDatabase(path_workload=str(work_dir / "database_workload.json"),
-                                            path_tuning_record=str(work_dir / "database_tuning_record.json"))
+        database = ms.database.JSONDatabase(
+            path_workload=str(work_dir / "database_workload.json"),
+            path_tuning_record=str(work_dir / "database_tuning_record.json"),
+        )
         if seed_db_dir:
             seed_database(database, seed_db_dir)
         mod = tvm.ir.load_json(task.mod_json)
-        ctx = ms.TuneContext(mod=mod, target=tvm.target.Target(target),
-                             space_generator=space_for(mod, target), search_strategy="evolutionary",
-                             task_name=task.name, num_threads=2, rand_state=1)
-        ms.tune_tasks(tasks=[ctx], task_weights=[1.0], work_dir=str(work_dir),
-                      max_trials_global=task.trials, num_trials_per_iter=min(per_iter, task.trials),
-                      builder=builder, runner=runner, database=database,
-                      cost_model=ms.cost_model.XGBModel(num_tuning_cores=2),
-                      measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
-                                         _progress_callback(result, label, report)])
+        ctx = ms.TuneContext(
+            mod=mod,
+            target=tvm.target.Target(target),
+            space_generator=space_for(mod, target),
+            search_strategy="evolutionary",
+            task_name=task.name,
+            num_threads=2,
+            rand_state=1,
+        )
+        ms.tune_tasks(
+            tasks=[ctx],
+            task_weights=[1.0],
+            work_dir=str(work_dir),
+            max_trials_global=task.trials,
+            num_trials_per_iter=min(per_iter, task.trials),
+            builder=builder,
+            runner=runner,
+            database=database,
+            cost_model=ms.cost_model.XGBModel(num_tuning_cores=2),
+            measure_callbacks=[
+                *ms.measure_callback.MeasureCallback.create("default"),
+                _progress_callback(result, label, report),
+            ],
+        )
         if result.valid:
             result.error = None
         elif not result.error:
             result.error = f"no valid candidate in {result.trials_run} trials"
     except Exception as err:  # noqa: BLE001 - one task's failure must not sink the others
-        result.error = f"{err.__class__.__name__}: {str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}"
+        result.error = (
+            f"{err.__class__.__name__}: {str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}"
+        )
     result.seconds = round(time.monotonic() - started, 2)
     (work_dir / "result.json").write_text(json.dumps(result.to_json()))
     return result
@@ -159,9 +205,12 @@ def seed_database(database, seed_db_dir: str) -> None:
     """Copy earlier records into this task's database so the search warm-starts from them."""
     from tvm.s_tir import meta_schedule as ms
 
-    seed = ms.database.JSONDatabase(path_workload=str(Path(seed_db_dir) / "database_workload.json"),
-                                    path_tuning_record=str(Path(seed_db_dir) / "database_tuning_record.json"))
+    seed = ms.database.JSONDatabase(
+        path_workload=str(Path(seed_db_dir) / "database_workload.json"),
+        path_tuning_record=str(Path(seed_db_dir) / "database_tuning_record.json"),
+    )
     for record in seed.get_all_tuning_records():
         workload = database.commit_workload(record.workload.mod)
-        database.commit_tuning_record(ms.database.TuningRecord(
-            record.trace, workload, record.run_secs, record.target, record.args_info))
+        database.commit_tuning_record(
+            ms.database.TuningRecord(record.trace, workload, record.run_secs, record.target, record.args_info)
+        )

@@ -1,13 +1,16 @@
 """Pick best per operator (tasks.build.candidates) on recorded candidate timings: the numbers are
 real H200 figures of the kind pick-best measures (cuDNN vs TVM's DLight kernels)."""
+
 from __future__ import annotations
 
 from tasks.build.candidates import Candidate, OperatorChoice, choices_summary, choices_table, choose
 
 
 def test_fastest_usable_candidate_wins():
-    choice = choose("conv2d_3x3_64", [Candidate("cudnn", 0.0081, None, "algo 1"),
-                                      Candidate("default", 0.0412, None, "Matmul (Fallback 0.2100)")])
+    choice = choose(
+        "conv2d_3x3_64",
+        [Candidate("cudnn", 0.0081, None, "algo 1"), Candidate("default", 0.0412, None, "Matmul (Fallback 0.2100)")],
+    )
     assert choice.chosen == "cudnn" and choice.chosen_ms == 0.0081 and choice.chosen_detail == "algo 1"
 
 

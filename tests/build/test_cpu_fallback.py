@@ -1,4 +1,5 @@
 """Untuned CPU kernels get a parallel, vectorized default schedule; tuned ones keep their record."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,8 +9,8 @@ import pytest
 @pytest.fixture(scope="module")
 def prepared(mnist_pt2):
     from tasks.devices.profiles import get_device
-    from tasks.tuning.extract import prepare_for_tuning
     from tasks.importers.model_import import import_pt2
+    from tasks.tuning.extract import prepare_for_tuning
 
     imported = import_pt2(mnist_pt2)
     target = get_device("local").tvm_target()
@@ -66,8 +67,11 @@ def test_tuned_kernels_keep_their_record_and_the_build_stays_a_fusion_fixpoint(p
     ctx = ms.TuneContext(mod=workload, target=target, space_generator="post-order-apply", task_name=task.name)
     trace = ctx.generate_design_space()[0].trace
     db = open_db(tmp_path / "db")
-    db.commit_tuning_record(ms.database.TuningRecord(trace, db.commit_workload(workload), [1e-4], target,
-                                                     ms.arg_info.ArgInfo.from_prim_func(workload["main"])))
+    db.commit_tuning_record(
+        ms.database.TuningRecord(
+            trace, db.commit_workload(workload), [1e-4], target, ms.arg_info.ArgInfo.from_prim_func(workload["main"])
+        )
+    )
     with target, db, tvm.transform.PassContext(opt_level=3):
         tuned = MetaScheduleApplyDatabase()(mod)
     expected = trace.apply_to_schedule  # the record's own schedule of that workload

@@ -1,6 +1,7 @@
 """The vendor-library candidate path with the real packages: oneDNN (PyPI onednn) and OpenBLAS
 (PyPI scipy-openblas32) kernels compiled in place by scripts/build-cpu-contrib.sh, a model's
 convs and dense layers rewritten to extern calls, built, run, and equal to torch."""
+
 from __future__ import annotations
 
 import subprocess
@@ -22,8 +23,13 @@ def native():
     """The kernels built for this environment (the build script, when they are missing)."""
     missing = [b for b in cpu_vendor.BACKENDS if not cpu_vendor.library_path(b).exists()]
     if missing:
-        subprocess.run(["bash", str(ROOT / "scripts" / "build-cpu-contrib.sh"), sys.executable], check=True,
-                       cwd=ROOT, capture_output=True, timeout=600)
+        subprocess.run(
+            ["bash", str(ROOT / "scripts" / "build-cpu-contrib.sh"), sys.executable],
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+            timeout=600,
+        )
     return cpu_vendor.library_path("dnnl").parent
 
 
@@ -32,10 +38,18 @@ def _net():
     from torch import nn
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                        nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16), nn.ReLU6(),
-                        nn.Conv2d(16, 32, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                        nn.Linear(32, 10)).eval()
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16),
+        nn.ReLU6(),
+        nn.Conv2d(16, 32, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    ).eval()
     net[1].running_mean.uniform_(-1, 1)
     net[1].running_var.uniform_(0.5, 2)
     return net, torch.randn(1, 3, 16, 16)

@@ -2,6 +2,7 @@
 tests build and inspect code and never run it: CUDA source for the `cuda` profile (codegen needs
 no GPU), OpenCL for Mali (cross-linked for aarch64) and Adreno, WGSL for WebGPU. The timings on a
 real GPU come from bench/gpu_bench.py on the lent GPU machine (bench/README_gpu.md)."""
+
 from __future__ import annotations
 
 import tarfile
@@ -12,8 +13,8 @@ import tvm
 from tasks.build import gpu
 from tasks.devices.profiles import get_device, load_fleet
 from tasks.errors import TvmflowError
-from tasks.tuning.extract import extract_tasks, prepare_for_tuning
 from tasks.importers.model_import import export_factory, import_pt2
+from tasks.tuning.extract import extract_tasks, prepare_for_tuning
 
 
 @pytest.fixture(scope="module")

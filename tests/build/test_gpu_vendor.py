@@ -2,6 +2,7 @@
 CUDA-graph rewrite build into a CUDA library here; pick-best's DLight rule choice reaches the
 fused kernel; the contrib build's commands and the runtime-library manifest. Timings come from
 bench/gpu_vs_torch.py on the lent H200 (bench/README_gpu.md)."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,8 +22,13 @@ class _Tiny(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                                  nn.Conv2d(16, 16, 3, 1, 1, groups=16), nn.ReLU6())
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 16, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 16, 3, 1, 1, groups=16),
+            nn.ReLU6(),
+        )
         self.fc = nn.Linear(16, 10)
 
     def forward(self, x):
@@ -33,8 +39,9 @@ class _Tiny(nn.Module):
 def tiny_fp16():
     torch.manual_seed(0)
     mod = relax_from_program(torch.export.export(_Tiny().eval(), (torch.zeros(2, 3, 16, 16),)), "PyTorch")
-    mod = tvm.transform.Sequential([tvm.relax.transform.FoldBatchnormToConv2D(),
-                                    tvm.relax.transform.FoldConstant()])(mod)
+    mod = tvm.transform.Sequential([tvm.relax.transform.FoldBatchnormToConv2D(), tvm.relax.transform.FoldConstant()])(
+        mod
+    )
     return gpu.to_mixed_fp16(mod)  # also checks the ReLU6 rewrite: ToMixedPrecision fails on clip's bounds
 
 
@@ -45,8 +52,10 @@ def _host_code(executable) -> str:
 def test_extern_cudnn_cublas_and_cuda_graph_build_to_a_cuda_library(tiny_fp16, tmp_path):
     cuda = get_device("cuda")
     specs = cuda_vendor.collect_specs(gpu.prepare_layout(tiny_fp16))
-    decide = {key: OperatorChoice(key, [Candidate(backend, 0.01, None, "algo 1")], backend, "algo 1")
-              for key, backend in ((k, "cudnn" if k.startswith("conv2d") else "cublas") for k in specs)}
+    decide = {
+        key: OperatorChoice(key, [Candidate(backend, 0.01, None, "algo 1")], backend, "algo 1")
+        for key, backend in ((k, "cudnn" if k.startswith("conv2d") else "cublas") for k in specs)
+    }
     executable, choices = gpu.compile_gpu(tiny_fp16, cuda, decide=decide)
     assert [c.chosen for c in choices] == ["cudnn", "cudnn", "cublas"]
     assert all("NHWC" in c.operator for c in choices if c.operator.startswith("conv2d"))
@@ -65,17 +74,24 @@ def test_cuda_graph_can_be_turned_off_and_tvm_kernels_need_no_library(tiny_fp16)
     assert {c.chosen for c in choices} == {"default"}
     assert "run_or_capture" not in executable.as_text()
     assert cuda_vendor.used_globals(_host_code(executable)) == []
-    assert cuda_vendor.needed_libraries(choices, [{"name": "x.so", "provides": list(cuda_vendor.GLOBALS.values())}]) == []
+    assert (
+        cuda_vendor.needed_libraries(choices, [{"name": "x.so", "provides": list(cuda_vendor.GLOBALS.values())}]) == []
+    )
 
 
 def test_a_measured_fallback_win_schedules_the_fused_kernel_with_fallback(tiny_fp16):
     target = get_device("cuda").tvm_target()
     prepared = gpu.prepare_layout(tiny_fp16)
-    depthwise = [s for s in cuda_vendor.collect_specs(prepared).values()
-                 if isinstance(s, cuda_vendor.ConvSpec) and s.depthwise]
+    depthwise = [
+        s for s in cuda_vendor.collect_specs(prepared).values() if isinstance(s, cuda_vendor.ConvSpec) and s.depthwise
+    ]
     assert len(depthwise) == 1
-    choice = OperatorChoice(depthwise[0].key, [Candidate("cudnn", 0.061), Candidate("default", 0.054, None, "Fallback")],
-                            "default", "Fallback")
+    choice = OperatorChoice(
+        depthwise[0].key,
+        [Candidate("cudnn", 0.061), Candidate("default", 0.054, None, "Fallback")],
+        "default",
+        "Fallback",
+    )
     lowered = gpu.lower_with_choices(prepared, target, {choice.operator: choice})
     tagged = [g.name_hint for g, _ in lowered.functions_items() if gpu.FALLBACK_TAG in g.name_hint]
     assert tagged and all(gpu.rules_for(n)[0].__class__.__name__ == "Fallback" for n in tagged)
@@ -86,9 +102,11 @@ def test_a_measured_fallback_win_schedules_the_fused_kernel_with_fallback(tiny_f
 
 def test_contrib_build_commands_find_wheel_style_cuda_layouts(tmp_path, monkeypatch):
     """torch's CUDA wheels ship libcudnn.so.9 without an unversioned link: link it by file name."""
-    for sub, header, libs in (("cudnn", "cudnn.h", ["libcudnn.so.9"]),
-                              ("cu13", "cublas_v2.h", ["libcublas.so.13", "libcublasLt.so.13"]),
-                              ("rt", "cuda_runtime.h", ["libcudart.so.13"])):
+    for sub, header, libs in (
+        ("cudnn", "cudnn.h", ["libcudnn.so.9"]),
+        ("cu13", "cublas_v2.h", ["libcublas.so.13", "libcublasLt.so.13"]),
+        ("rt", "cuda_runtime.h", ["libcudart.so.13"]),
+    ):
         (tmp_path / sub / "include").mkdir(parents=True)
         (tmp_path / sub / "include" / header).write_text("")
         (tmp_path / sub / "lib").mkdir()
@@ -97,7 +115,9 @@ def test_contrib_build_commands_find_wheel_style_cuda_layouts(tmp_path, monkeypa
     monkeypatch.setenv("TVMFLOW_CUDA_ROOTS", ":".join(str(tmp_path / s) for s in ("rt", "cudnn", "cu13")))
     compiles, link = cuda_vendor.compile_commands(tmp_path / "build")
     assert len(compiles) == 4 and all(c[-1].endswith(".o") for c in compiles)
-    assert {f"-l:{n}" for n in ("libcudnn.so.9", "libcublas.so.13", "libcublasLt.so.13", "libcudart.so.13")} <= set(link)
+    assert {f"-l:{n}" for n in ("libcudnn.so.9", "libcublas.so.13", "libcublasLt.so.13", "libcudart.so.13")} <= set(
+        link
+    )
     assert f"-I{tmp_path / 'cudnn' / 'include'}" in compiles[0]
     assert (tmp_path / "build" / "stub" / "3rdparty" / "compiler-rt" / "builtin_fp16.h").exists()
     monkeypatch.setenv("TVMFLOW_CUDA_ROOTS", str(tmp_path / "cudnn"))
@@ -128,8 +148,9 @@ def test_pick_best_times_candidates_inside_a_cuda_graph():
     candidate is timed as repeated calls captured in a graph, with one parameter (a zero-parameter
     capture failed in the VM on the H200)."""
     target = get_device("cuda").tvm_target()
-    spec = cuda_vendor.ConvSpec((1, 7, 7, 64), (64, 3, 3, 64), (1, 1), (1, 1, 1, 1), (1, 1), 1, "NHWC", "OHWI",
-                                "float16", "float32")
+    spec = cuda_vendor.ConvSpec(
+        (1, 7, 7, 64), (64, 3, 3, 64), (1, 1), (1, 1, 1, 1), (1, 1), 1, "NHWC", "OHWI", "float16", "float32"
+    )
     candidates = gpu.operator_candidates(spec, target, ("cudnn",), algo=1)
     assert [c[0] for c in candidates][:2] == ["cudnn", "default"]
     for backend, _detail, prim in candidates[:2]:

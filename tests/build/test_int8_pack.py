@@ -1,6 +1,7 @@
 """tasks.build.int8_pack: 8-bit conv2d / matmul layers become im2col + a GEMM against weights packed for
 the target's dot-product intrinsic; bit-exact, tensorized by the tune space (vpmaddubsw here,
 vpdpbusd in a cascadelake cross build), and the tuned record is what the build applies."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,8 +23,9 @@ def _module(layers, x_shape, x_dtype):
             for kind, w, *conv in layers:
                 if kind == "conv":
                     stride, padding, dilation = conv
-                    call = relax.op.nn.conv2d(x, relax.const(w), strides=stride, padding=padding,
-                                              dilation=dilation, out_dtype="int32")
+                    call = relax.op.nn.conv2d(
+                        x, relax.const(w), strides=stride, padding=padding, dilation=dilation, out_dtype="int32"
+                    )
                 else:
                     call = relax.op.matmul(x, relax.const(w), out_dtype="int32")
                 outs.append(bb.emit(call))
@@ -46,8 +48,11 @@ def _packed_blocks(mod) -> int:
 
     from tasks.build.int8_isa import PACKED_GEMM_BLOCK
 
-    return sum(f.script().count(f'T.sblock("{PACKED_GEMM_BLOCK}")') for f in mod.functions.values()
-               if isinstance(f, tvm.tirx.PrimFunc))
+    return sum(
+        f.script().count(f'T.sblock("{PACKED_GEMM_BLOCK}")')
+        for f in mod.functions.values()
+        if isinstance(f, tvm.tirx.PrimFunc)
+    )
 
 
 def _run(mod, x):
@@ -65,10 +70,12 @@ def test_packed_convs_are_bit_exact(x_dtype, target):
     from tasks.build.int8_pack import pack_int8_layers
 
     rng = np.random.default_rng(0)
-    convs = [("conv", _weights(rng, (10, 5, 3, 3)), 2, 1, 1),
-             ("conv", _weights(rng, (16, 5, 1, 1)), 1, 0, 1),
-             ("conv", _weights(rng, (7, 5, 3, 3)), 1, (1, 0, 2, 1), 1),
-             ("conv", _weights(rng, (24, 5, 3, 3)), 2, 2, 2)]
+    convs = [
+        ("conv", _weights(rng, (10, 5, 3, 3)), 2, 1, 1),
+        ("conv", _weights(rng, (16, 5, 1, 1)), 1, 0, 1),
+        ("conv", _weights(rng, (7, 5, 3, 3)), 1, (1, 0, 2, 1), 1),
+        ("conv", _weights(rng, (24, 5, 3, 3)), 2, 2, 2),
+    ]
     mod = _module(convs, (2, 5, 11, 9), x_dtype)
     packed = pack_int8_layers(mod, target)
     assert _packed_blocks(packed) == len(convs)
@@ -118,8 +125,9 @@ def test_what_is_left_unpacked():
     f = relax.Var("f", relax.TensorType((1, 8, 6, 6), "float32"))
     with bb.function("main", [x, f]):
         with bb.dataflow():
-            a = bb.emit(relax.op.nn.conv2d(x, relax.const(_weights(rng, (8, 1, 3, 3))), groups=8, padding=1,
-                                           out_dtype="int32"))
+            a = bb.emit(
+                relax.op.nn.conv2d(x, relax.const(_weights(rng, (8, 1, 3, 3))), groups=8, padding=1, out_dtype="int32")
+            )
             b = bb.emit(relax.op.nn.conv2d(f, relax.const(rng.normal(size=(8, 8, 3, 3)).astype("float32"))))
             out = bb.emit_output(relax.Tuple([a, b]))
         bb.emit_func_output(out)
@@ -148,14 +156,17 @@ def test_untuned_build_gets_fixed_int8_schedules(x_dtype):
     from tvm import relax
 
     from tasks.build.compile import compile_module
+    from tasks.build.int8_isa import apply_packed_gemm_default, assembly, instruction_counts
     from tasks.devices.profiles import get_device
     from tasks.tuning.extract import prepare_for_tuning
-    from tasks.build.int8_isa import apply_packed_gemm_default, assembly, instruction_counts
 
     device = get_device("local")
     rng = np.random.default_rng(5)
-    mod = _module([("conv", _weights(rng, (24, 16, 3, 3)), 2, 1, 1), ("conv", _weights(rng, (8, 16, 1, 1)), 1, 0, 1)],
-                  (1, 16, 15, 15), x_dtype)
+    mod = _module(
+        [("conv", _weights(rng, (24, 16, 3, 3)), 2, 1, 1), ("conv", _weights(rng, (8, 16, 1, 1)), 1, 0, 1)],
+        (1, 16, 15, 15),
+        x_dtype,
+    )
     prepared = prepare_for_tuning(mod, device.tvm_target())
     scheduled = apply_packed_gemm_default(prepared, device.tvm_target())
     kernels = {gv.name_hint: f for gv, f in scheduled.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
@@ -182,8 +193,9 @@ def test_cross_build_for_vnni_uses_vpdpbusd():
     others = [t for t in tasks if t is not gemm]
     assert others and all(space_for(tvm.ir.load_json(t.mod_json), target) == "post-order-apply" for t in others)
     mod = tvm.ir.load_json(gemm.mod_json)
-    context = ms.TuneContext(mod=mod, target=target, space_generator=space_for(mod, target), task_name="gemm",
-                             num_threads=1, rand_state=0)
+    context = ms.TuneContext(
+        mod=mod, target=target, space_generator=space_for(mod, target), task_name="gemm", num_threads=1, rand_state=0
+    )
     spaces = context.generate_design_space()
     assert spaces
     for sch in spaces:
@@ -203,16 +215,17 @@ def test_tuned_packed_kernel_is_applied_by_the_build(tmp_path, local_workers, pr
     from tvm_ffi.structural import structural_equal
 
     from tasks.build.compile import compile_module
-    from tasks.devices.profiles import get_device
     from tasks.build.int8_isa import assembly, instruction_counts
+    from tasks.devices.profiles import get_device
     from tasks.tuning.pick_best import merge_databases, open_db
     from tasks.tuning.tune import tune_task
 
     device = get_device("local")
     mod, prepared, _, gemm = _gemm_task(device.tvm_target(), "int8")
     gemm.trials = 16
-    result = tune_task(gemm, device.target, tmp_path / "work", (local_workers.host, local_workers.tracker_port),
-                       "local", servers=2)
+    result = tune_task(
+        gemm, device.target, tmp_path / "work", (local_workers.host, local_workers.tracker_port), "local", servers=2
+    )
     assert result.error is None and result.valid > 0, result.error
     assert merge_databases([tmp_path / "work"], tmp_path / "db", verify_target=device.target) == 1
 

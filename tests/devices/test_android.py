@@ -4,6 +4,7 @@ ANDROID_NDK_HOME / TVM_NDK_CC name, and a one-line error naming them when neithe
 No NDK is installable from the package registries, so the stand-in "NDK clang" is Debian's
 aarch64-linux-gnu-gcc (scripts/setup.sh) laid out as an NDK: it links the same LLVM-generated aarch64
 objects into a shared library. Nothing runs on a phone here."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Device profiles: the fleet file, unknown devices, and the cross-compiled aarch64 profile."""
+
 from __future__ import annotations
 
 import struct
@@ -30,8 +31,10 @@ def test_unknown_device_is_one_line_error():
 
 def test_fleet_file_from_env(tmp_path, monkeypatch):
     fleet = tmp_path / "fleet.yaml"
-    fleet.write_text("devices:\n  board:\n    target: {kind: llvm, mcpu: host, num-cores: 1}\n"
-                     "    rpc_key: board\n    local_workers: 1\n    count: 3\n")
+    fleet.write_text(
+        "devices:\n  board:\n    target: {kind: llvm, mcpu: host, num-cores: 1}\n"
+        "    rpc_key: board\n    local_workers: 1\n    count: 3\n"
+    )
     monkeypatch.setenv("TVMFLOW_FLEET", str(fleet))
     board = get_device("board")
     assert board.rpc_key == "board" and board.target["mcpu"] != "host" and board.extra == {"count": 3}
@@ -48,8 +51,15 @@ def test_broken_fleet_file_is_one_line_error(tmp_path):
         load_fleet(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("entry", ["    rpc_key: b\n", "    target: llvm\n    rpc_key: b\n",
-                                   "    target: {kind: llvm}\n", "    target: {kind: llvm}\n    rpc_key: b\n    no_such: 1\n    local_workers: x\n"])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "    rpc_key: b\n",
+        "    target: llvm\n    rpc_key: b\n",
+        "    target: {kind: llvm}\n",
+        "    target: {kind: llvm}\n    rpc_key: b\n    no_such: 1\n    local_workers: x\n",
+    ],
+)
 def test_incomplete_device_entry_is_one_line_error(tmp_path, entry):
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text("devices:\n  b:\n" + entry)
@@ -63,8 +73,10 @@ def test_incomplete_device_entry_is_one_line_error(tmp_path, entry):
 
 def test_missing_cross_compiler_is_one_line_error(tmp_path, monkeypatch):
     fleet = tmp_path / "fleet.yaml"
-    fleet.write_text("devices:\n  odd:\n    target: {kind: llvm, mtriple: aarch64-linux-gnu}\n"
-                     "    rpc_key: odd\n    cross_compiler: no-such-gcc-xyz\n")
+    fleet.write_text(
+        "devices:\n  odd:\n    target: {kind: llvm, mtriple: aarch64-linux-gnu}\n"
+        "    rpc_key: odd\n    cross_compiler: no-such-gcc-xyz\n"
+    )
     with pytest.raises(TvmflowError, match="cross compiler 'no-such-gcc-xyz'.*not installed"):
         get_device("odd", fleet).export_compiler()
 
@@ -72,8 +84,8 @@ def test_missing_cross_compiler_is_one_line_error(tmp_path, monkeypatch):
 def test_aarch64_profile_cross_compiles_mnist(tmp_path, mnist_pt2):
     """A real aarch64 ELF shared object, built with the Debian cross toolchain; never run here."""
     from tasks.build.compile import build_library
-    from tasks.tuning.extract import prepare_for_tuning
     from tasks.importers.model_import import import_pt2
+    from tasks.tuning.extract import prepare_for_tuning
 
     arm = get_device("aarch64-linux")
     prepared = prepare_for_tuning(import_pt2(mnist_pt2).mod, arm.tvm_target())

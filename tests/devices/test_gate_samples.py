@@ -1,5 +1,6 @@
 """The gate users can reason about: per-run thresholds, a sample-count-aware default (one flip in 20
 is not evidence), top-5, and the framework's own int8 measured beside tvmflow's."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """Validation runs a build on the RPC session's device of the build's kind: the GPU for OpenCL,
 Vulkan, CUDA (no OpenCL/Vulkan runtime here, so the choice is checked, not a run on it)."""
+
 from __future__ import annotations
 
 from tvm import rpc

@@ -1,11 +1,12 @@
 """compare(): errors and top-1 agreement against the reference, thresholds per precision."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tasks.errors import TvmflowError
 from tasks.devices.validate import THRESHOLDS, DeviceRun, compare
+from tasks.errors import TvmflowError
 
 
 def _scores(n=8, classes=10, seed=0):

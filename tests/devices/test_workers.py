@@ -1,4 +1,5 @@
 """Local device workers: real tracker + rpc servers on free loopback ports, no orphans left."""
+
 from __future__ import annotations
 
 import os
@@ -8,9 +9,15 @@ import time
 import psutil
 import pytest
 
+from tasks.devices.workers import (
+    free_port,
+    free_servers,
+    parse_tracker,
+    start_local_workers,
+    tracker_summary,
+    wait_for_servers,
+)
 from tasks.errors import TvmflowError
-from tasks.devices.workers import (free_port, free_servers, parse_tracker, start_local_workers, tracker_summary,
-                           wait_for_servers)
 
 
 def _group_members(pgids: set[int]) -> list[psutil.Process]:

@@ -1,5 +1,6 @@
 """examples/cpp: a published build loaded and run from C++ with the TVM runtime of the installed
 wheels, built here with g++; its outputs match Python's VM on real MNIST digits."""
+
 from __future__ import annotations
 
 import subprocess
@@ -24,8 +25,13 @@ def test_cpp_example_runs_a_published_build_like_python(tmp_path, mnist_pt2):
     from tasks.tuning.extract import prepare_for_tuning
 
     binary = tmp_path / "run_model"
-    built = subprocess.run(["bash", str(ROOT / "examples/cpp/build.sh"), sys.executable, str(binary)],
-                           capture_output=True, text=True, timeout=600, check=False)
+    built = subprocess.run(
+        ["bash", str(ROOT / "examples/cpp/build.sh"), sys.executable, str(binary)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert built.returncode == 0, built.stderr[-2000:]
 
     device = get_device("local")
@@ -42,8 +48,19 @@ def test_cpp_example_runs_a_published_build_like_python(tmp_path, mnist_pt2):
     for i in range(len(data)):
         x = data.sample(i)[spec.name]
         x.tofile(tmp_path / "x.bin")
-        run = subprocess.run([str(binary), str(folder), str(tmp_path / "x.bin"), "x".join(map(str, spec.shape)),
-                              str(tmp_path / "y.bin")], capture_output=True, text=True, timeout=120, check=False)
+        run = subprocess.run(
+            [
+                str(binary),
+                str(folder),
+                str(tmp_path / "x.bin"),
+                "x".join(map(str, spec.shape)),
+                str(tmp_path / "y.bin"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert run.returncode == 0, run.stderr[-2000:]
         got = np.fromfile(tmp_path / "y.bin", dtype="float32")
         want = vm["main"](tvm.runtime.tensor(x)).numpy().ravel()

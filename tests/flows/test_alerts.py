@@ -1,6 +1,7 @@
 """Alerts on a real Prefect server: `tvmflow alerts install` creates the fleet's automations; a
 failed run of a nightly retune deployment and a `tvmflow.build.regressed` event make them fire
 (their `prefect.automation.triggered` events are read back through the API)."""
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,17 @@ from flows.alerts import FAILED_NAME, REGRESSED_NAME
 def _triggered(srv, automation_id: str, since: str, timeout: float = 180) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        page = srv.post("/events/filter", {"filter": {
-            "event": {"name": ["prefect.automation.triggered"]},
-            "resource": {"id": [f"prefect.automation.{automation_id}"]},
-            "occurred": {"since": since}}, "limit": 10})
+        page = srv.post(
+            "/events/filter",
+            {
+                "filter": {
+                    "event": {"name": ["prefect.automation.triggered"]},
+                    "resource": {"id": [f"prefect.automation.{automation_id}"]},
+                    "occurred": {"since": since},
+                },
+                "limit": 10,
+            },
+        )
         if page["events"]:
             return page["events"][0]
         time.sleep(2)
@@ -42,18 +50,30 @@ def test_automations_fire_on_a_failed_nightly_run_and_on_a_regression(capsys):
 
         # a nightly retune deployment run that fails (a missing model: it fails in seconds)
         dep = srv.deployment("tvmflow-retune", "retune-local")
-        run = srv.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": {
-            "models": ["/nonexistent/model.onnx"], "budget": 1, "store": str(srv.store), "tracker": srv.tracker}})
+        run = srv.post(
+            f"/deployments/{dep['id']}/create_flow_run",
+            {
+                "parameters": {
+                    "models": ["/nonexistent/model.onnx"],
+                    "budget": 1,
+                    "store": str(srv.store),
+                    "tracker": srv.tracker,
+                }
+            },
+        )
         assert srv.wait_run(run["id"], timeout=300)["state"]["type"] == "FAILED"
         fired = _triggered(srv, installed[FAILED_NAME]["id"], since)
-        assert any(r.get("prefect.resource.id") == f"prefect.flow-run.{run['id']}" for r in fired["related"]) or \
-            run["id"] in json.dumps(fired), fired
+        assert any(r.get("prefect.resource.id") == f"prefect.flow-run.{run['id']}" for r in fired["related"]) or run[
+            "id"
+        ] in json.dumps(fired), fired
 
         # a regression event, as the retune flow emits it
         sent = events.emit_regressed("mnist_cnn", "local", latency_ms=1.5, previous_ms=1.2, build_id="b2")
         assert sent is not None
         fired = _triggered(srv, installed[REGRESSED_NAME]["id"], since)
-        seen = srv.post("/events/filter", {"filter": {"event": {"name": [events.REGRESSED]},
-                                                      "occurred": {"since": since}}, "limit": 5})["events"]
+        seen = srv.post(
+            "/events/filter",
+            {"filter": {"event": {"name": [events.REGRESSED]}, "occurred": {"since": since}}, "limit": 5},
+        )["events"]
         assert seen and seen[0]["payload"]["model"] == "mnist_cnn" and seen[0]["payload"]["previous_ms"] == 1.2
         assert seen[0]["resource"]["tvmflow.device"] == "local"

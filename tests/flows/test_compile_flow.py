@@ -1,5 +1,6 @@
 """End to end: the compile flow under prefect_test_harness with real local workers on the MNIST CNN,
 the `tvmflow compile` CLI (JSON output, cache reuse), and bad input that must publish nothing."""
+
 from __future__ import annotations
 
 import hashlib
@@ -64,8 +65,14 @@ def test_e2e_publishes_a_verified_build(first_run, flow_env):
     folder = base / report["build_id"]
     assert report["build_uri"].endswith(str(folder))
     names = {p.name for p in folder.iterdir()}
-    assert {"model.so", "database_workload.json", "database_tuning_record.json", "report.json", "report.md",
-            "manifest.json"} <= names
+    assert {
+        "model.so",
+        "database_workload.json",
+        "database_tuning_record.json",
+        "report.json",
+        "report.md",
+        "manifest.json",
+    } <= names
     manifest = json.loads((folder / "manifest.json").read_text())
     assert set(manifest["files"]) == names - {"manifest.json"}
     for name, entry in manifest["files"].items():
@@ -94,8 +101,9 @@ def test_e2e_publishes_a_verified_build(first_run, flow_env):
 def test_second_identical_run_reuses_everything(first_run, flow_env, shared_cache, capsys):
     """The same command again, through the CLI with --json: import, tuning and build are reused."""
     _, store = flow_env
-    code, out, err = _run_cli(["compile", "--model", MODEL, "--data", DATA, "--trials", "32",
-                               "--store", str(store), "--json"], capsys)
+    code, out, err = _run_cli(
+        ["compile", "--model", MODEL, "--data", DATA, "--trials", "32", "--store", str(store), "--json"], capsys
+    )
     assert code == 0, err[-2000:]
     summary = json.loads(out.strip().splitlines()[-1])
     for key in ("build_uri", "manifest_uri", "latency_ms", "reference", "validation", "tasks", "trials"):
@@ -152,32 +160,62 @@ def test_unknown_device(tmp_path, prefect_harness, capsys):
 def test_unreachable_tracker(tmp_path, first_run, shared_cache, prefect_harness, capsys):
     store = tmp_path / "store"
     port = free_port()
-    code, out, err = _run_cli(["compile", "--model", MODEL, "--data", DATA, "--trials", "32", "--store", str(store),
-                               "--tracker", f"127.0.0.1:{port}"], capsys)
+    code, out, err = _run_cli(
+        [
+            "compile",
+            "--model",
+            MODEL,
+            "--data",
+            DATA,
+            "--trials",
+            "32",
+            "--store",
+            str(store),
+            "--tracker",
+            f"127.0.0.1:{port}",
+        ],
+        capsys,
+    )
     _assert_user_error(code, out, err, store, f"cannot reach the RPC tracker at 127.0.0.1:{port}", expected=4)
 
 
 def test_data_that_does_not_fit_the_model(tmp_path, first_run, shared_cache, prefect_harness, capsys):
     store = tmp_path / "store"
-    code, out, err = _run_cli(["compile", "--model", MODEL, "--data", "bundled:imagenet-photos",
-                               "--store", str(store)], capsys)
+    code, out, err = _run_cli(
+        ["compile", "--model", MODEL, "--data", "bundled:imagenet-photos", "--store", str(store)], capsys
+    )
     _assert_user_error(code, out, err, store, "but the model expects (1, 1, 28, 28)")
 
 
 def test_failed_validation_publishes_nothing(tmp_path, local_workers, prefect_harness, capsys):
     """A model left in training mode: torch runs its dropout, the compiled model does not."""
     store = tmp_path / "store"
-    code, out, err = _run_cli(["compile", "--model", "tests.flow_models:train_mode_dropout", "--data", DATA,
-                               "--trials", "0", "--no-untuned", "--store", str(store),
-                               "--tracker", local_workers.tracker], capsys)
+    code, out, err = _run_cli(
+        [
+            "compile",
+            "--model",
+            "tests.flow_models:train_mode_dropout",
+            "--data",
+            DATA,
+            "--trials",
+            "0",
+            "--no-untuned",
+            "--store",
+            str(store),
+            "--tracker",
+            local_workers.tracker,
+        ],
+        capsys,
+    )
     _assert_user_error(code, out, err, store, "validation failed", expected=3)
     line = next(line for line in err.splitlines() if line.startswith("error: "))
     report = Path(line.rsplit("report in ", 1)[-1].strip())
     assert report.exists() and "FAILED" in report.read_text()
 
 
-def test_failing_task_is_reported_and_build_still_publishes(tmp_path, first_run, local_workers,
-                                                           prefect_harness, monkeypatch):
+def test_failing_task_is_reported_and_build_still_publishes(
+    tmp_path, first_run, local_workers, prefect_harness, monkeypatch
+):
     """One task's candidates all fail to build on the 'device' (its cross compiler is /bin/false):
     the task is reported by name, the others are used, and the build is published."""
     import tasks.tuning.tune
@@ -187,13 +225,15 @@ def test_failing_task_is_reported_and_build_still_publishes(tmp_path, first_run,
     real = tasks.tuning.tune.tune_task
 
     def tune_with_broken_toolchain(task, target, work_dir, tracker, key, servers=1, cross_compiler=None, *a, **kw):
-        return real(task, target, work_dir, tracker, key, servers, "false" if task.name == victim else cross_compiler,
-                    *a, **kw)
+        return real(
+            task, target, work_dir, tracker, key, servers, "false" if task.name == victim else cross_compiler, *a, **kw
+        )
 
     monkeypatch.setattr(tasks.tuning.tune, "tune_task", tune_with_broken_toolchain)
     store = tmp_path / "store"  # fresh store and step cache: the victim's earlier search is not reused
-    report = compile_flow(model=MODEL, data=DATA, trials=32, store=str(store), tracker=local_workers.tracker,
-                          measure_untuned=False)
+    report = compile_flow(
+        model=MODEL, data=DATA, trials=32, store=str(store), tracker=local_workers.tracker, measure_untuned=False
+    )
     failed = next(r for r in report["tuning"] if r["name"] == victim)
     assert failed["error"] and failed["valid"] == 0 and failed["trials_run"] > 0
     assert victim in report["untuned_tasks"]
@@ -209,9 +249,23 @@ def test_cli_prints_no_traceback_for_user_errors(tmp_path):
     """The real `tvmflow` command in its own process: one `error:` line, no Prefect traceback."""
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "TVMFLOW_CACHE": str(tmp_path / "cache")}
     env.pop("PREFECT_API_URL", None)
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "compile", "--model", str(tmp_path / "missing.onnx"),
-                           "--store", str(tmp_path / "store")], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parent.parent.parent, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "compile",
+            "--model",
+            str(tmp_path / "missing.onnx"),
+            "--store",
+            str(tmp_path / "store"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent.parent,
+        timeout=600,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -244,8 +298,23 @@ def test_refresh_reruns_every_stage(first_run, flow_env, shared_cache, capsys):
     """--refresh after identical runs: nothing comes from a cache, every tuned task is searched again
     (warm-started from the shared database instead of reused), and no run folder is left behind."""
     _, store = flow_env
-    code, out, err = _run_cli(["compile", "--model", MODEL, "--data", DATA, "--trials", "32", "--store", str(store),
-                               "--no-untuned", "--refresh", "--json"], capsys)
+    code, out, err = _run_cli(
+        [
+            "compile",
+            "--model",
+            MODEL,
+            "--data",
+            DATA,
+            "--trials",
+            "32",
+            "--store",
+            str(store),
+            "--no-untuned",
+            "--refresh",
+            "--json",
+        ],
+        capsys,
+    )
     assert code == 0, err[-2000:]
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["cache_hits"] == [] and summary["validation"]["passed"]

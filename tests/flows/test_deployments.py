@@ -1,5 +1,6 @@
 """Deployments end to end: a real Prefect server (SQLite) on a free port, `prefect deploy --all`
 from deployments/prefect.yaml, a real process worker, and runs of the deployed flows."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,9 @@ def _stored_result(run: dict, data: bytes):
 
 def test_prefect_yaml_matches_the_fleet():
     """prefect.yaml is generated from devices.yaml: a compile and a nightly retune deployment per device."""
-    check = subprocess.run([sys.executable, "deployments/generate.py", "--check"], cwd=ROOT, capture_output=True, text=True,
-                           check=False)
+    check = subprocess.run(
+        [sys.executable, "deployments/generate.py", "--check"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
     assert check.returncode == 0, check.stderr
     spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
     names = {d["name"]: d for d in spec["deployments"]}
@@ -38,11 +40,15 @@ def test_prefect_yaml_matches_the_fleet():
         assert retune["parameters"]["device"] == device
         assert retune["parameters"]["models"] == list(profile.extra.get("models") or [])
         # nightly only where there is something to retune and a board to run it on
-        nightly = bool(profile.extra.get("models")) and (profile.local_workers > 0 or bool(profile.extra.get("tracker")))
+        nightly = bool(profile.extra.get("models")) and (
+            profile.local_workers > 0 or bool(profile.extra.get("tracker"))
+        )
         assert retune["schedules"][0]["active"] == nightly, device
         assert retune["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
         assert {"budget", "store"} <= set(retune["parameters"])
-        assert retune["parameters"]["store"] == compile_["parameters"]["store"] == "{{ prefect.variables.tvmflow_store }}"
+        assert (
+            retune["parameters"]["store"] == compile_["parameters"]["store"] == "{{ prefect.variables.tvmflow_store }}"
+        )
         assert {"model", "device", "trials", "store"} <= set(compile_["parameters"])
         assert retune["schedules"][0]["cron"].split()[2:] == ["*", "*", "*"]  # every night
         assert retune["work_pool"]["name"] == compile_["work_pool"]["name"] == prefect_env.POOL
@@ -59,8 +65,10 @@ def test_nightly_deployment_gets_scheduled_runs_from_its_cron():
     assert dep["work_pool_name"] == prefect_env.POOL
     deadline, runs = time.monotonic() + 90, []
     while time.monotonic() < deadline and not runs:
-        runs = srv.post("/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}},
-                                              "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
+        runs = srv.post(
+            "/flow_runs/filter",
+            {"deployments": {"id": {"any_": [dep["id"]]}}, "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}},
+        )
         time.sleep(1)
     assert runs, "the scheduler created no runs for the nightly deployment"
     for run in runs:
@@ -88,8 +96,12 @@ def test_compile_deployment_run_publishes_and_reports():
     assert report["type"] == "markdown" and "validation: **passed**" in report["data"]
     assert build.name in report["data"]
     # its flow result is in the store the run named (a local folder here), not the worker's storage
-    assert _stored_result(run, (srv.store / "prefect-results" / Path(run["state"]["data"]["storage_key"]).name)
-                          .read_bytes())["build_id"] == build.name
+    assert (
+        _stored_result(
+            run, (srv.store / "prefect-results" / Path(run["state"]["data"]["storage_key"]).name).read_bytes()
+        )["build_id"]
+        == build.name
+    )
     # every measurement went through the device's global concurrency limit, created on first use
     limit = srv.get("/v2/concurrency_limits/device:local")
     assert limit["limit"] == 2 and limit["active_slots"] == 0
@@ -98,9 +110,17 @@ def test_compile_deployment_run_publishes_and_reports():
 def test_bad_parameters_fail_the_run_before_any_tuning():
     srv = prefect_env.server()
     dep = srv.deployment("tvmflow-retune", "retune-local")
-    run = srv.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": {
-        "models": ["/nonexistent/model.onnx", "tasks.importers.bundled:mnist_cnn"], "budget": 16,
-        "store": str(srv.store), "tracker": srv.tracker}})
+    run = srv.post(
+        f"/deployments/{dep['id']}/create_flow_run",
+        {
+            "parameters": {
+                "models": ["/nonexistent/model.onnx", "tasks.importers.bundled:mnist_cnn"],
+                "budget": 16,
+                "store": str(srv.store),
+                "tracker": srv.tracker,
+            }
+        },
+    )
     done = srv.wait_run(run["id"], timeout=300)
     assert done["state"]["type"] == "FAILED"
     assert "model '/nonexistent/model.onnx' is missing" in done["state"]["message"]
@@ -121,8 +141,9 @@ def test_compile_deployment_persists_its_result_in_the_runs_s3_store(s3):
     srv, _ = prefect_env.compile_run()  # its import and build are in the step cache by now
     srv.start_worker("s3", s3.env)
     store = s3.store()
-    run_id = srv.run_deployment("tvmflow-compile", "compile-local", prefect_env.compile_parameters(srv, store),
-                                queue="s3")
+    run_id = srv.run_deployment(
+        "tvmflow-compile", "compile-local", prefect_env.compile_parameters(srv, store), queue="s3"
+    )
     run = srv.wait_run(run_id)
     assert run["state"]["type"] == "COMPLETED", (run["state"], (srv.home / "worker-s3.log").read_text()[-4000:])
     record = run["state"]["data"]  # the persisted result's metadata
@@ -139,8 +160,14 @@ def test_compile_deployment_persists_its_result_in_the_runs_s3_store(s3):
     assert logs  # the run logged, so the check below looks at something
     raw = s3.fs().cat(stored[0])
     assert _stored_result(run, raw) == report
-    seen = [raw.decode(), json.dumps(report, default=str), json.dumps(block), json.dumps(logs),
-            json.dumps(srv.artifacts(run_id)), json.dumps(run)]
+    seen = [
+        raw.decode(),
+        json.dumps(report, default=str),
+        json.dumps(block),
+        json.dumps(logs),
+        json.dumps(srv.artifacts(run_id)),
+        json.dumps(run),
+    ]
     for secret in (s3.secret_key, s3.access_key):
         assert not any(secret in text for text in seen), secret
 
@@ -149,8 +176,12 @@ def test_store_default_comes_from_the_prefect_variable():
     """`store` of every deployment is the tvmflow_store Variable's value when deployed, not ./artifacts."""
     srv = prefect_env.server()
     assert srv.get("/variables/name/tvmflow_store")["value"] == str(srv.store)
-    for flow_name, name in (("tvmflow-compile", "compile-local"), ("tvmflow-retune", "retune-aarch64-linux"),
-                            ("tvmflow-builds", "builds"), ("tvmflow-fetch", "fetch")):
+    for flow_name, name in (
+        ("tvmflow-compile", "compile-local"),
+        ("tvmflow-retune", "retune-aarch64-linux"),
+        ("tvmflow-builds", "builds"),
+        ("tvmflow-fetch", "fetch"),
+    ):
         assert srv.deployment(flow_name, name)["parameters"]["store"] == str(srv.store), name
 
 
@@ -180,8 +211,13 @@ def test_a_retune_run_while_another_holds_the_device_is_cancelled(tmp_path):
     assert (dep.get("concurrency_limit") or limit.get("limit")) == 1, dep
     assert dep["concurrency_options"]["collision_strategy"] == "CANCEL_NEW", dep
     empty = start_local_workers("local", 0, tmp_path / "empty-tracker")  # a tracker, no board registered
-    params = {"models": [prefect_env.MNIST], "budget": 1, "store": str(srv.store), "tracker": empty.tracker,
-              "worker_timeout": 240.0}
+    params = {
+        "models": [prefect_env.MNIST],
+        "budget": 1,
+        "store": str(srv.store),
+        "tracker": empty.tracker,
+        "worker_timeout": 240.0,
+    }
     first = srv.run_deployment("tvmflow-retune", "retune-local", params)
     try:
         deadline = time.monotonic() + 300

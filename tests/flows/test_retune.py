@@ -1,6 +1,7 @@
 """Nightly retune: parameter checks, the publish decision, a retune of an unchanged fleet with no
 extra budget (no tuning, nothing new published), and an incremental retune whose tuning fan-out
 runs on a local Dask cluster with worker processes, all through the deployed retune flow."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,9 @@ def test_check_parameters_names_every_problem_up_front(tmp_path):
     with pytest.raises(TvmflowError, match="unknown device 'rk9999'; known devices: .*local"):
         retune_logic.check_parameters("rk9999", ["tasks.importers.bundled:mnist_cnn"], 16, str(tmp_path))
     with pytest.raises(TvmflowError) as err:
-        retune_logic.check_parameters("local", ["tasks.importers.bundled:no_such_model", str(tmp_path / "gone.onnx")], -1,
-                                      str(tmp_path))
+        retune_logic.check_parameters(
+            "local", ["tasks.importers.bundled:no_such_model", str(tmp_path / "gone.onnx")], -1, str(tmp_path)
+        )
     message = str(err.value)
     assert "no callable 'no_such_model'" in message and "gone.onnx' is missing: no such file" in message
     assert "budget -1 is negative" in message
@@ -57,9 +59,19 @@ def test_unchanged_fleet_with_no_extra_budget_tunes_nothing_and_publishes_nothin
     before, builds = _latest(srv), sorted((srv.store / "builds" / "mnist_cnn" / "local").iterdir())
     run, rows = _retune(srv, budget=0)
     assert run["state"]["type"] == "COMPLETED", run["state"]
-    assert rows == [{"model": "tasks.importers.bundled:mnist_cnn", "device": "local", "status": "kept", "new_ms": "–",
-                     "latest_ms": "–", "trials": 0, "budget": 0, "build": before,
-                     "reason": f"no extra budget: nothing tuned; LATEST {before} is current"}]
+    assert rows == [
+        {
+            "model": "tasks.importers.bundled:mnist_cnn",
+            "device": "local",
+            "status": "kept",
+            "new_ms": "–",
+            "latest_ms": "–",
+            "trials": 0,
+            "budget": 0,
+            "build": before,
+            "reason": f"no extra budget: nothing tuned; LATEST {before} is current",
+        }
+    ]
     assert _latest(srv) == before and sorted((srv.store / "builds" / "mnist_cnn" / "local").iterdir()) == builds
     assert not [n for n in _task_names(srv, run["id"]) if n.startswith("tune-")]  # no tuning task ran
 
@@ -72,12 +84,17 @@ def test_incremental_retune_tunes_on_a_dask_cluster(monkeypatch, tvmflow_cache):
     srv, _ = prefect_env.compile_run()
     before = _latest(srv)
     monkeypatch.setenv("PREFECT_API_URL", srv.api)  # the Dask workers report to the same server
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         # generous: a fresh Dask worker imports TVM's tensor intrinsics (~1 CPU-minute) before tuning
         run, rows = _retune(srv, budget=16, dask_address=cluster.scheduler_address, timeout=1200)
         ran_on_dask = client.run_on_scheduler(
-            lambda dask_scheduler: sum(1 for t in dask_scheduler.transition_log if t[2] == "memory"))
+            lambda dask_scheduler: sum(1 for t in dask_scheduler.transition_log if t[2] == "memory")
+        )
     assert run["state"]["type"] == "COMPLETED", (run["state"], (srv.home / "worker.log").read_text()[-4000:])
     assert ran_on_dask >= 1
     assert [n for n in _task_names(srv, run["id"]) if n.startswith("tune-")]  # tuned in this run, on Dask
@@ -85,7 +102,9 @@ def test_incremental_retune_tunes_on_a_dask_cluster(monkeypatch, tvmflow_cache):
     assert row["trials"] == 16 and row["budget"] == 16 and row["new_ms"] != "–" and row["latest_ms"] != "–"
     if row["status"] == "published":
         assert _latest(srv) == row["build"] != before
-        manifest = json.loads((srv.store / "builds" / "mnist_cnn" / "local" / row["build"] / "manifest.json").read_text())
+        manifest = json.loads(
+            (srv.store / "builds" / "mnist_cnn" / "local" / row["build"] / "manifest.json").read_text()
+        )
         assert manifest["retune"]["previous_build"] == before and manifest["trials_budget"] == 16
         assert manifest["validation"]["passed"]
     else:
@@ -121,8 +140,14 @@ def int8_retune(tmp_path_factory, local_workers, prefect_harness):
     patch = pytest.MonkeyPatch()
     patch.setenv("TVMFLOW_CACHE", str(root / "cache"))
     try:
-        outcomes = retune_flow(device="local", models=[{"model": MNIST_MODEL, "data": MNIST_DATA}], budget=16,
-                               store=str(root / "store"), tracker=local_workers.tracker, precision="int8")
+        outcomes = retune_flow(
+            device="local",
+            models=[{"model": MNIST_MODEL, "data": MNIST_DATA}],
+            budget=16,
+            store=str(root / "store"),
+            tracker=local_workers.tracker,
+            precision="int8",
+        )
     finally:
         patch.undo()
     return root / "store", outcomes
@@ -154,9 +179,16 @@ def test_compile_after_a_retune_reuses_its_shared_records(int8_retune, local_wor
     from flows.compile import compile_flow
 
     store, _ = int8_retune
-    report = compile_flow(model=MNIST_MODEL, data=MNIST_DATA, trials=16, store=str(store),
-                          tracker=local_workers.tracker, precision="int8", measure_untuned=False,
-                          precision_options={"calibration": MNIST_DATA})
+    report = compile_flow(
+        model=MNIST_MODEL,
+        data=MNIST_DATA,
+        trials=16,
+        store=str(store),
+        tracker=local_workers.tracker,
+        precision="int8",
+        measure_untuned=False,
+        precision_options={"calibration": MNIST_DATA},
+    )
     assert report["precision"] == "int8" and report["validation"]["passed"]
     assert report["trials"] == 0 and report["tuning_reuse"]["reused"] >= 1
     assert report["tuning_reuse"]["fresh"] == report["tuning_reuse"]["warm_started"] == 0

@@ -2,6 +2,7 @@
 run, its Artifacts tab is clicked, and the tab shows the tvmflow report. Driven over the Chrome
 DevTools Protocol (the browser's own remote-debugging websocket), so no chromedriver is needed.
 With TVMFLOW_UI_SCREENSHOT=1 the screenshots are copied to docs/ (they are committed)."""
+
 from __future__ import annotations
 
 import base64
@@ -18,9 +19,19 @@ from pathlib import Path
 import prefect_env
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-         "--hide-scrollbars", "--window-size=1400,1000", "--remote-allow-origins=*"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--window-size=1400,1000",
+    "--remote-allow-origins=*",
+]
 
 
 class Browser:
@@ -32,10 +43,19 @@ class Browser:
         assert CHROMIUM, "chromium is not installed: run `bash scripts/setup.sh --system` (apt-get install chromium)"
         self.profile = tempfile.mkdtemp(prefix="tvmflow-chromium-")
         port = prefect_env.free_port()
-        self.proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={self.profile}",
-                                      "--remote-debugging-address=127.0.0.1", f"--remote-debugging-port={port}",
-                                      "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [
+                CHROMIUM,
+                *FLAGS,
+                f"--user-data-dir={self.profile}",
+                "--remote-debugging-address=127.0.0.1",
+                f"--remote-debugging-port={port}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -110,8 +130,13 @@ def test_flow_run_artifacts_tab_shows_the_report(tmp_path):
         browser.wait_text(run["name"], "Completed", "Artifacts")  # the run's page, rendered from the API
         browser.click_text("Artifacts")
         # the three artifact cards, with the report's description (cards fill in as the API answers)
-        browser.wait_text("mnist-cnn-local-report", "mnist-cnn-local-latency", "mnist-cnn-local-tuning",
-                          "tvmflow build report", "latency (ms)")
+        browser.wait_text(
+            "mnist-cnn-local-report",
+            "mnist-cnn-local-latency",
+            "mnist-cnn-local-tuning",
+            "tvmflow build report",
+            "latency (ms)",
+        )
         shot = tmp_path / "ui-artifacts.png"
         browser.screenshot(shot)
         assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,5 @@
 """Format detection from content, and the one-line error that lists every supported format."""
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,9 @@ def test_unknown_content_error_lists_the_supported_formats(tmp_path):
         out.writestr("readme.txt", "not a model")
     with pytest.raises(TvmflowError) as info:
         detect_format(other_zip)
-    assert "not a torch.export .pt2 (nor a Keras .keras file, nor TorchScript)" in str(info.value) and _lists_every_format(str(info.value))
+    assert "not a torch.export .pt2 (nor a Keras .keras file, nor TorchScript)" in str(
+        info.value
+    ) and _lists_every_format(str(info.value))
 
 
 def test_hdf5_and_json_that_are_not_models(tmp_path):

@@ -2,6 +2,7 @@
 and architecture json + weights h5 (Keras 2 `save_weights` layout, as MobileNetV2 alpha=0.5
 deployments ship it, and the Keras 3 `.weights.h5` layout). All four import to the same Relax
 module; the json + legacy weights pair goes through the whole flow, validated against Keras."""
+
 from __future__ import annotations
 
 import json
@@ -40,7 +41,7 @@ def test_every_keras_variant_is_detected_and_imports_to_the_same_module(keras_mo
         assert imported.framework == "keras"
         assert [(s.name, s.shape, s.dtype) for s in imported.inputs] == [("image", KERAS_INPUT, "float32")]  # NHWC
         mods[variant] = imported.mod
-    for variant, mod in mods.items():  # same graph and the same weights, whatever the file layout
+    for mod in mods.values():  # same graph and the same weights, whatever the file layout
         tvm.ir.assert_structural_equal(mod, mods["keras"])  # raises, naming the first difference
     assert model_name(keras_models["json+legacy_h5"]) == "arch"
 
@@ -66,8 +67,14 @@ def test_keras_files_with_something_missing_get_one_line_errors(keras_models, tm
 def test_keras_json_plus_weights_through_the_flow(keras_models, local_workers, prefect_harness, tmp_path):
     from flows.compile import compile_flow
 
-    report = compile_flow(model=keras_models["json+legacy_h5"], device="local", trials=0,
-                          store=str(tmp_path / "store"), tracker=local_workers.tracker, measure_untuned=False)
+    report = compile_flow(
+        model=keras_models["json+legacy_h5"],
+        device="local",
+        trials=0,
+        store=str(tmp_path / "store"),
+        tracker=local_workers.tracker,
+        measure_untuned=False,
+    )
     assert report["framework"] == "keras" and report["reference"]["framework"] == "keras"
     assert report["validation"]["passed"] is True
     assert report["inputs"] == ["image:1x32x32x3:float32"]

@@ -1,6 +1,7 @@
 """MXNet 1.9.1 Gluon exports (optional extra): the converter environment (.venv-mxnet, made by
 scripts/setup-mxnet.sh) exports a real Gluon CNN, converts it to ONNX, and serves the MXNet
 reference; the main environment never imports MXNet."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,12 @@ def gluon_symbol(tmp_path_factory) -> Path:
 
 
 def test_main_env_stays_without_mxnet():
-    probe = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('mxnet'))"],
-                           capture_output=True, text=True, check=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import importlib.util as u; print(u.find_spec('mxnet'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert probe.stdout.strip() == "None"
     check = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
     assert "mxnet" not in check.stdout.lower() and "numpy" not in check.stdout.lower()
@@ -67,8 +72,15 @@ def test_symbol_finds_its_params_and_errors_name_what_is_missing(gluon_symbol, t
 def test_gluon_export_through_the_flow(gluon_symbol, local_workers, prefect_harness, tmp_path):
     from flows.compile import compile_flow
 
-    report = compile_flow(model=str(gluon_symbol), device="local", trials=0, store=str(tmp_path / "store"),
-                          inputs=[SHAPE], tracker=local_workers.tracker, measure_untuned=False)
+    report = compile_flow(
+        model=str(gluon_symbol),
+        device="local",
+        trials=0,
+        store=str(tmp_path / "store"),
+        inputs=[SHAPE],
+        tracker=local_workers.tracker,
+        measure_untuned=False,
+    )
     assert report["framework"] == "mxnet" and report["reference"]["framework"] == "mxnet"
     assert report["reference"]["latency_ms"] > 0  # timed inside the MXNet process
     assert report["validation"]["passed"] is True

@@ -1,5 +1,6 @@
 """TFLite flatbuffers, fp32 and fp16 weights: detected by content, imported by relax.frontend.tflite,
 compiled, run on a real rpc server and validated against the LiteRT interpreter."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,11 @@ def test_tflite_detected_by_content_and_fp16_weights_stay_fp16(tflite_files, tmp
     imported = import_model(renamed)
     assert imported.framework == "tflite"
     assert [(s.name, s.shape, s.dtype) for s in imported.inputs] == [("image", TFLITE_INPUT, "float32")]
-    casts = [b.value for b in imported.mod["main"].body.blocks[0].bindings
-             if getattr(getattr(b.value, "op", None), "name", "") == "relax.astype"]
+    casts = [
+        b.value
+        for b in imported.mod["main"].body.blocks[0].bindings
+        if getattr(getattr(b.value, "op", None), "name", "") == "relax.astype"
+    ]
     assert sorted(str(c.args[0].ty.dtype) for c in casts) == ["float16"] * 6  # 3 weights + 3 biases
 
 
@@ -54,8 +58,7 @@ def test_tflite_fp32_build_and_validate_on_device(tflite_files, local_workers, t
 
     device = get_device("local")
     imported = import_model(tflite_files["fp32"])
-    lib = build_library(prepare_for_tuning(imported.mod, device.tvm_target()), device, None,
-                        tvmflow_cache / "cnn.so")
+    lib = build_library(prepare_for_tuning(imported.mod, device.tvm_target()), device, None, tvmflow_cache / "cnn.so")
     rng = np.random.default_rng(3)
     samples = [{"image": rng.standard_normal(TFLITE_INPUT).astype("float32")} for _ in range(3)]
     run = run_on_device(lib, ("127.0.0.1", local_workers.tracker_port), "local", samples, ["image"], "llvm", repeat=2)
@@ -69,8 +72,14 @@ def test_tflite_fp32_build_and_validate_on_device(tflite_files, local_workers, t
 def test_tflite_fp16_model_through_the_flow(tflite_files, local_workers, prefect_harness, tmp_path):
     from flows.compile import compile_flow
 
-    report = compile_flow(model=str(tflite_files["fp16"]), device="local", trials=0, store=str(tmp_path / "store"),
-                          tracker=local_workers.tracker, measure_untuned=False)
+    report = compile_flow(
+        model=str(tflite_files["fp16"]),
+        device="local",
+        trials=0,
+        store=str(tmp_path / "store"),
+        tracker=local_workers.tracker,
+        measure_untuned=False,
+    )
     assert report["framework"] == "tflite" and report["reference"]["framework"] == "tflite"
     assert report["validation"]["passed"] is True
     assert report["inputs"] == [f"image:{'x'.join(map(str, TFLITE_INPUT))}:float32"]

@@ -1,5 +1,6 @@
 """Image folders (and zip/tar archives) of real photos as validation/calibration data: class
 subfolders give labels, presets normalise, and the gate reports top-5 with ImageNet names."""
+
 from __future__ import annotations
 
 import tarfile
@@ -50,8 +51,12 @@ def test_photo_folder_zip_and_tar_give_the_same_labelled_samples(photo_folder, t
         np.testing.assert_array_equal(other.inputs["x"], folder.inputs["x"])
         assert list(other.labels) == [281, 967]
     nhwc = load_dataset(f"{photo_folder}#preset=0-1", [InputSpec("x", (1, 224, 224, 3))])
-    assert nhwc.inputs["x"].shape == (2, 1, 224, 224, 3) and 0.0 <= nhwc.inputs["x"].min() <= nhwc.inputs["x"].max() <= 1.0
-    np.testing.assert_allclose(nhwc.inputs["x"][:, :, :, :, 0], (folder.inputs["x"][:, :, 0] * 128 + 127) / 255, atol=1e-5)
+    assert (
+        nhwc.inputs["x"].shape == (2, 1, 224, 224, 3) and 0.0 <= nhwc.inputs["x"].min() <= nhwc.inputs["x"].max() <= 1.0
+    )
+    np.testing.assert_allclose(
+        nhwc.inputs["x"][:, :, :, :, 0], (folder.inputs["x"][:, :, 0] * 128 + 127) / 255, atol=1e-5
+    )
     with pytest.raises(TvmflowError, match="unknown image preset"):
         load_dataset(f"{photo_folder}#preset=caffe", spec)
 
@@ -105,8 +110,14 @@ def test_mnist_pngs_in_class_folders_validate_a_tvm_build(tmp_path, mnist_pt2):
     vm = relax.VirtualMachine(tvm.compile(imported.mod, target="llvm"), tvm.cpu())
     got = [[vm["main"](tvm.runtime.tensor(data.sample(i)[name])).numpy()] for i in range(len(data))]
     reference = Reference(mnist_pt2, "torch", [name])
-    val = compare(got, [reference.run(data.sample(i)) for i in range(len(data))], "fp32", data.labels,
-                  class_names=data.class_names, files=data.files)
+    val = compare(
+        got,
+        [reference.run(data.sample(i)) for i in range(len(data))],
+        "fp32",
+        data.labels,
+        class_names=data.class_names,
+        files=data.files,
+    )
     assert val.passed and val.top1_agreement == 1.0 and val.top5_agreement == 1.0
     assert val.accuracy == val.reference_accuracy and val.accuracy >= 0.95
     first = val.examples[0]

@@ -1,4 +1,5 @@
 """Model import: format detection by content, ONNX / .pt2 / factory import, and one-line errors."""
+
 from __future__ import annotations
 
 import zipfile
@@ -27,8 +28,11 @@ def _tiny_onnx(path, op="Relu", shape=(1, 4), out_shape=None, **attrs):
 
     node = helper.make_node(op, ["x"], ["y"], **attrs)
     graph = helper.make_graph(
-        [node], "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape or shape))])
+        [node],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape or shape))],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))
@@ -40,9 +44,11 @@ def _dynamic_onnx(path):
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])], "dyn",
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "dyn",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))
@@ -67,11 +73,14 @@ def test_detect_format_by_content_not_name(tmp_path, mnist_pt2):
     assert detect_format(pt2_named_onnx) == "pt2"
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"this is not a model at all\n" * 4, "not a model this tool can read"),
-    (b"\x89HDF\r\n\x1a\n" + b"\0" * 64, "HDF5"),
-    (b"\x1c\0\0\0TFL3" + b"\0" * 64, "TFLite"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"this is not a model at all\n" * 4, "not a model this tool can read"),
+        (b"\x89HDF\r\n\x1a\n" + b"\0" * 64, "HDF5"),
+        (b"\x1c\0\0\0TFL3" + b"\0" * 64, "TFLite"),
+    ],
+)
 def test_detect_format_rejects_unsupported_content(tmp_path, content, message):
     path = tmp_path / "model.onnx"
     path.write_bytes(content)
@@ -176,7 +185,8 @@ def test_dynamic_batch_becomes_one_or_batch_or_input_spec(tmp_path):
     imported = import_model(path)
     assert imported.inputs == [InputSpec("x", (1, 4), "float32")]
     assert [n for n in imported.notes if "batch" in n] == [
-        "dynamic batch dimension of input(s) x set to 1 (for another batch: --input x:Nx4:float32)"]
+        "dynamic batch dimension of input(s) x set to 1 (for another batch: --input x:Nx4:float32)"
+    ]
     assert import_model(path, batch=2).inputs == [InputSpec("x", (2, 4), "float32")]
     imported = import_model(path, [parse_input_spec("x:3x4:float32")])
     assert imported.inputs == [InputSpec("x", (3, 4), "float32")] and imported.notes == []
@@ -202,8 +212,9 @@ def test_factory_export_and_names(tmp_path):
     assert not is_factory("model.onnx")
     assert model_name("tasks.importers.bundled:mnist_cnn") == "mnist_cnn"
     assert model_name("s3://bucket/dir/resnet 18.onnx") == "resnet_18"
-    out = export_factory("tasks.importers.bundled:mnist_cnn", tmp_path / "f" / "m.pt2",
-                         [parse_input_spec("x:2x1x28x28:float32")])
+    out = export_factory(
+        "tasks.importers.bundled:mnist_cnn", tmp_path / "f" / "m.pt2", [parse_input_spec("x:2x1x28x28:float32")]
+    )
     assert detect_format(out) == "pt2"
     assert import_pt2(out).inputs[0].shape == (2, 1, 28, 28)
 

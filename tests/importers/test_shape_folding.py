@@ -1,5 +1,6 @@
 """ONNX exported the standard way (torch.onnx.export): shape arithmetic folded before import, a
 dynamic batch set to 1 with one notice, and one error that lists every problem of a model."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,9 +34,16 @@ class SamePadNet(nn.Module):
 
 
 def _export(module, path, shape, dynamic_batch=True):
-    torch.onnx.export(module.eval(), (torch.zeros(shape),), str(path), dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None)
+    torch.onnx.export(
+        module.eval(),
+        (torch.zeros(shape),),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None,
+    )
     return path
 
 
@@ -48,15 +56,21 @@ def test_torch_exported_pads_fold_import_and_compile(tmp_path):
     path = _export(SamePadNet(), tmp_path / "samepad.onnx", (1, 3, 33, 33))
     raw = onnx.load(str(path))
     assert {"Shape", "Pad"} <= {n.op_type for n in raw.graph.node} or {"ConstantOfShape", "Pad"} <= {
-        n.op_type for n in raw.graph.node}
+        n.op_type for n in raw.graph.node
+    }
     with pytest.raises(Exception):  # noqa: B017 - TVM raises its own error types. The premise: TVM refuses the unfolded graph (dynamic pads / reshape)
         from_onnx(raw, shape_dict={"input": [1, 3, 33, 33]})
 
     imported = import_model(path)  # no --input: the dynamic batch becomes 1
     assert imported.inputs == [InputSpec("input", (1, 3, 33, 33), "float32")]
-    assert imported.notes[0] == "dynamic batch dimension of input(s) input set to 1 (for another batch: --input input:Nx3x33x33:float32)"
+    assert (
+        imported.notes[0]
+        == "dynamic batch dimension of input(s) input set to 1 (for another batch: --input input:Nx3x33x33:float32)"
+    )
     assert sum("batch" in n for n in imported.notes) == 1
-    assert imported.notes[1].startswith("folded the shape computations") and "Pad" not in imported.notes[1].split("(")[1]
+    assert (
+        imported.notes[1].startswith("folded the shape computations") and "Pad" not in imported.notes[1].split("(")[1]
+    )
     x = np.random.default_rng(0).standard_normal((1, 3, 33, 33)).astype("float32")
     vm = relax.VirtualMachine(tvm.compile(imported.mod, target="llvm"), tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
@@ -84,14 +98,23 @@ def test_efficientnet_lite0_exported_the_standard_way_imports(tmp_path):
 
 def test_one_error_lists_every_problem(tmp_path):
     """Two inputs with dynamic non-batch dims and two unsupported operators: one line, three problems."""
-    nodes = [helper.make_node("Det", ["a"], ["d"]), helper.make_node("Relu", ["b"], ["r"]),
-             helper.make_node("Bernoulli", ["r"], ["u"])]
+    nodes = [
+        helper.make_node("Det", ["a"], ["d"]),
+        helper.make_node("Relu", ["b"], ["r"]),
+        helper.make_node("Bernoulli", ["r"], ["u"]),
+    ]
     graph = helper.make_graph(
-        nodes, "many",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", "h", "h"]),
-         helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, "w"])],
-        [helper.make_tensor_value_info("d", TensorProto.FLOAT, ["batch"]),
-         helper.make_tensor_value_info("u", TensorProto.FLOAT, [None])])
+        nodes,
+        "many",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", "h", "h"]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, "w"]),
+        ],
+        [
+            helper.make_tensor_value_info("d", TensorProto.FLOAT, ["batch"]),
+            helper.make_tensor_value_info("u", TensorProto.FLOAT, [None]),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     path = tmp_path / "many.onnx"

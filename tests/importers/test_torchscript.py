@@ -1,5 +1,6 @@
 """TorchScript .pt files (torch.jit.save, traced or scripted): detected by content, converted,
 compiled and checked against the TorchScript module itself; a state dict gets a one-line error."""
+
 from __future__ import annotations
 
 import numpy as np

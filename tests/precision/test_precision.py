@@ -1,5 +1,6 @@
 """fp16 / bf16 mixed precision: numerics against fp32 within the per-precision thresholds,
 allow/deny lists, and the device profile's "slower than fp32" warning."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,8 @@ import argparse
 import numpy as np
 import pytest
 
-from tasks.importers.datasets import load_dataset
 from tasks.errors import TvmflowError
+from tasks.importers.datasets import load_dataset
 from tasks.importers.model_import import InputSpec
 
 SPECS = [InputSpec("x", (1, 1, 28, 28))]
@@ -39,9 +40,9 @@ def _outputs(mod, data):
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_mixed_precision_within_thresholds(mnist, precision):
+    from tasks.devices.validate import compare
     from tasks.precision.layers import list_layers
     from tasks.precision.policy import convert
-    from tasks.devices.validate import compare
 
     mod, data, ref = mnist
     converted = convert(mod, precision)
@@ -69,8 +70,8 @@ def test_bf16_allow_and_deny_lists(mnist):
 
 
 def test_fp16_deny_list_keeps_layer_in_fp32(mnist):
-    from tasks.precision.policy import to_fp16
     from tasks.devices.validate import compare
+    from tasks.precision.policy import to_fp16
 
     mod, data, ref = mnist
     converted = to_fp16(mod, deny=["conv2d_0"])
@@ -96,8 +97,16 @@ def test_precision_warning_from_device_profile():
 def test_cli_warns_and_rejects_unknown_precision(capsys):
     from flows.cli import _precision_options
 
-    args = argparse.Namespace(precision="fp16", device="aarch64-linux", calibration=None, calib_method="max",
-                              keep_float=None, precision_allow="conv2d", precision_deny=None, reduce_range=False)
+    args = argparse.Namespace(
+        precision="fp16",
+        device="aarch64-linux",
+        calibration=None,
+        calib_method="max",
+        keep_float=None,
+        precision_allow="conv2d",
+        precision_deny=None,
+        reduce_range=False,
+    )
     opts = _precision_options(args)
     assert opts["allow"] == ["conv2d"]
     assert "warning: fp16 is likely slower than fp32 on device 'aarch64-linux'" in capsys.readouterr().err

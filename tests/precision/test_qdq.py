@@ -14,6 +14,7 @@ Tolerance: one quantization step of the model's output (its last DequantizeLinea
 onnxruntime requantizes in one integer step, this path rescales in float and the next
 QuantizeLinear rounds, so a value within float rounding of a .5 boundary may land one step away.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,8 @@ import pytest
 from onnx import numpy_helper
 
 from flows.cli import main
-from tasks.importers.datasets import load_dataset
 from tasks.errors import TvmflowError
+from tasks.importers.datasets import load_dataset
 from tasks.importers.model_import import InputSpec, import_onnx
 
 SPEC = [InputSpec("x", (1, 1, 28, 28))]
@@ -40,15 +41,21 @@ def qdq(tmp_path_factory, mnist_onnx) -> dict[str, Path]:
 
     folder = tmp_path_factory.mktemp("qdq")
     calib = load_dataset("bundled:mnist:32:0", SPEC)
-    return {name: quantize_static_qdq(mnist_onnx, calib, folder / f"{name}.onnx", act, rr)
-            for name, (act, rr) in VARIANTS.items()}
+    return {
+        name: quantize_static_qdq(mnist_onnx, calib, folder / f"{name}.onnx", act, rr)
+        for name, (act, rr) in VARIANTS.items()
+    }
 
 
 def _calls(mod) -> list:
     from tvm import relax
 
-    return [b.value for block in mod["main"].body.blocks for b in block.bindings
-            if isinstance(b.value, relax.Call) and hasattr(b.value.op, "name")]
+    return [
+        b.value
+        for block in mod["main"].body.blocks
+        for b in block.bindings
+        if isinstance(b.value, relax.Call) and hasattr(b.value.op, "name")
+    ]
 
 
 def _output_step(path: Path) -> float:
@@ -112,20 +119,29 @@ def _mutated(src: Path, dest: Path, how: str) -> Path:
         zp = init["features.3.weight_zero_point"]
         zp.CopyFrom(numpy_helper.from_array(np.ones(numpy_helper.to_array(zp).shape, np.int8), zp.name))
     else:  # a per-channel scale on the second conv's input activation
-        node = next(n for n in model.graph.node if n.op_type == "DequantizeLinear"
-                    and n.output[0] == "max_pool2d_DequantizeLinear_Output")
+        node = next(
+            n
+            for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.output[0] == "max_pool2d_DequantizeLinear_Output"
+        )
         scale = numpy_helper.to_array(init[node.input[1]])
         zp = numpy_helper.to_array(init[node.input[2]])
-        model.graph.initializer.extend([numpy_helper.from_array(np.full(32, scale, np.float32), "pc_scale"),
-                                        numpy_helper.from_array(np.full(32, zp, zp.dtype), "pc_zp")])
+        model.graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.full(32, scale, np.float32), "pc_scale"),
+                numpy_helper.from_array(np.full(32, zp, zp.dtype), "pc_zp"),
+            ]
+        )
         node.input[1], node.input[2] = "pc_scale", "pc_zp"
         node.attribute.append(onnx.helper.make_attribute("axis", 1))
     onnx.save(model, str(dest))
     return dest
 
 
-@pytest.mark.parametrize("how,message", [("weight_zero_point", "non-zero weight zero point"),
-                                         ("per_channel_act", "per-channel input activation scale")])
+@pytest.mark.parametrize(
+    "how,message",
+    [("weight_zero_point", "non-zero weight zero point"), ("per_channel_act", "per-channel input activation scale")],
+)
 def test_unsupported_qdq_forms_are_one_line_errors(qdq, tmp_path, how, message):
     bad = _mutated(qdq["u8"], tmp_path / "bad.onnx", how)
     with pytest.raises(TvmflowError) as err:
@@ -151,8 +167,15 @@ def published(qdq, tmp_path_factory, local_workers, prefect_harness) -> dict:
     from flows.compile import compile_flow
 
     store = tmp_path_factory.mktemp("qdq-store")
-    return compile_flow(model=str(qdq["u8"]), device="local", trials=0, store=str(store),
-                        data="bundled:mnist:100:3000", tracker=local_workers.tracker, measure_untuned=False)
+    return compile_flow(
+        model=str(qdq["u8"]),
+        device="local",
+        trials=0,
+        store=str(store),
+        data="bundled:mnist:100:3000",
+        tracker=local_workers.tracker,
+        measure_untuned=False,
+    )
 
 
 def test_flow_compiles_validates_and_publishes_a_qdq_model(qdq, published):
@@ -164,7 +187,11 @@ def test_flow_compiles_validates_and_publishes_a_qdq_model(qdq, published):
     # the reference is the QDQ graph as ONNX defines it (tasks.precision.qdq.is_qdq_file): within one output step
     assert manifest["validation"]["max_abs_err"] <= _output_step(qdq["u8"]) * 1.001
     assert [l["name"] for l in published["precision_info"]["integer_layers"]] == [
-        "conv2d_0", "conv2d_1", "matmul_0", "matmul_1"]
+        "conv2d_0",
+        "conv2d_1",
+        "matmul_0",
+        "matmul_1",
+    ]
     report = (manifest_path.parent / "report.md").read_text()
     assert "precision: int8 (pre-quantized QDQ model: 4 integer layers)" in report
 
@@ -178,8 +205,23 @@ def _cli(args, capsys):
 def test_cli_unsupported_qdq_model_exits_2_and_publishes_nothing(qdq, published, tmp_path, local_workers, capsys):
     bad = _mutated(qdq["u8"], tmp_path / "bad.onnx", "weight_zero_point")
     store = tmp_path / "store"
-    code, out, err = _cli(["compile", "--model", str(bad), "--trials", "0", "--data", "bundled:mnist:20",
-                           "--store", str(store), "--tracker", local_workers.tracker, "--no-untuned"], capsys)
+    code, out, err = _cli(
+        [
+            "compile",
+            "--model",
+            str(bad),
+            "--trials",
+            "0",
+            "--data",
+            "bundled:mnist:20",
+            "--store",
+            str(store),
+            "--tracker",
+            local_workers.tracker,
+            "--no-untuned",
+        ],
+        capsys,
+    )
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "non-zero weight zero point" in lines[0], err[-3000:]

@@ -1,5 +1,6 @@
 """Calibrated int8: calibration ranges, real integer compute, the accuracy gate on real MNIST
 digits, one-line errors for bad calibration input, and a failing gate that publishes nothing."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from tasks.importers.datasets import load_dataset
 from tasks.errors import TvmflowError
+from tasks.importers.datasets import load_dataset
 from tasks.importers.model_import import InputSpec
 
 SPECS = [InputSpec("x", (1, 1, 28, 28))]
@@ -77,10 +78,10 @@ def test_image_folder_calibration_with_preprocessing_spec(tmp_path):
 
 
 def test_int8_mnist_keeps_accuracy_within_the_gate(mnist_mod):
+    from tasks.devices.validate import compare
     from tasks.precision.calibrate import calibrate
     from tasks.precision.layers import host_runner
     from tasks.precision.quantize import quantize_model
-    from tasks.devices.validate import compare
 
     ranges = calibrate(mnist_mod, load_dataset("bundled:mnist:200:0", SPECS), "percentile")
     assert set(ranges) == {"conv2d_0", "conv2d_1", "matmul_0", "matmul_1"}
@@ -122,10 +123,17 @@ def test_failing_gate_publishes_nothing_and_reports_per_layer_error(tmp_path, lo
     np.savez(blank, x=np.zeros((4, 1, 1, 28, 28), "float32"))
     store = tmp_path / "store"
     with pytest.raises(TvmflowError) as err:
-        compile_flow(model="tasks.importers.bundled:mnist_cnn", device="local", trials=0, store=str(store),
-                     data="bundled:mnist:60:2000", tracker=local_workers.tracker, precision="int8",
-                     measure_untuned=False,
-                     precision_options={"calibration": str(blank), "method": "max", "keep_float": "none"})
+        compile_flow(
+            model="tasks.importers.bundled:mnist_cnn",
+            device="local",
+            trials=0,
+            store=str(store),
+            data="bundled:mnist:60:2000",
+            tracker=local_workers.tracker,
+            precision="int8",
+            measure_untuned=False,
+            precision_options={"calibration": str(blank), "method": "max", "keep_float": "none"},
+        )
     message = str(err.value)
     assert "int8 validation failed" in message and "nothing published" in message and "\n" not in message
     assert "--keep-float" in message
@@ -179,8 +187,11 @@ def test_avx2_dot_product_intrinsic_tensorizes_exactly():
     a = te.placeholder((m, k), "uint8", name="A")
     b = te.placeholder((n // 8, k // 4, 8, 4), "int8", name="B")
     r = te.reduce_axis((0, k), "k")
-    c = te.compute((m, n), lambda i, j: te.sum(
-        a[i, r].astype("int32") * b[j // 8, r // 4, j % 8, r % 4].astype("int32"), axis=r), name="C")
+    c = te.compute(
+        (m, n),
+        lambda i, j: te.sum(a[i, r].astype("int32") * b[j // 8, r // 4, j % 8, r % 4].astype("int32"), axis=r),
+        name="C",
+    )
     sch = Schedule(te.create_prim_func([a, b, c]))
     block = sch.get_sblock("C")
     i, j, kk = sch.get_loops(block)
@@ -208,9 +219,17 @@ def test_int8_build_passes_the_gate_and_is_published(tmp_path, local_workers, pr
     int8 in the manifest."""
     from flows.compile import compile_flow
 
-    report = compile_flow(model="tasks.importers.bundled:mnist_cnn", device="local", trials=16, store=str(tmp_path / "store"),
-                          data="bundled:mnist:100:3000", tracker=local_workers.tracker, precision="int8",
-                          measure_untuned=False, precision_options={"calibration": "bundled:mnist:100:0"})
+    report = compile_flow(
+        model="tasks.importers.bundled:mnist_cnn",
+        device="local",
+        trials=16,
+        store=str(tmp_path / "store"),
+        data="bundled:mnist:100:3000",
+        tracker=local_workers.tracker,
+        precision="int8",
+        measure_untuned=False,
+        precision_options={"calibration": "bundled:mnist:100:0"},
+    )
     assert report["validation"]["passed"] and report["validation"]["precision"] == "int8"
     assert report["validation"]["top1_agreement"] >= 0.99
     assert [q["name"] for q in report["precision_info"]["quantized"]] == ["conv2d_1", "matmul_0"]

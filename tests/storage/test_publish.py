@@ -1,4 +1,5 @@
 """publish_build: files, then a manifest with every sha256, then LATEST; never half a build."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,8 +15,11 @@ from tasks.storage.publish import build_prefix, publish_build, safe_segment
 
 def _files(tmp_path) -> dict[str, Path]:
     out = {}
-    for name, content in (("model.so", b"\x7fELF" + bytes(range(256)) * 40), ("report.json", b'{"ok": true}'),
-                          ("database_tuning_record.json", b"[]\n")):
+    for name, content in (
+        ("model.so", b"\x7fELF" + bytes(range(256)) * 40),
+        ("report.json", b'{"ok": true}'),
+        ("database_tuning_record.json", b"[]\n"),
+    ):
         path = tmp_path / "src" / name
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(content)
@@ -34,7 +38,9 @@ def test_manifest_lists_sha256_of_every_file_and_latest_is_written(tmp_path):
     assert set(manifest["files"]) == set(files)
     for name, entry in manifest["files"].items():
         data = (folder / name).read_bytes()
-        assert entry["sha256"] == hashlib.sha256(data).hexdigest() == hashlib.sha256(files[name].read_bytes()).hexdigest()
+        assert (
+            entry["sha256"] == hashlib.sha256(data).hexdigest() == hashlib.sha256(files[name].read_bytes()).hexdigest()
+        )
         assert entry["size"] == len(data)
     assert (store / "builds" / "mnist_cnn" / "local" / "LATEST").read_text() == result["build_id"]
 

@@ -1,5 +1,6 @@
 """Fetching builds back from S3 (SeaweedFS): verified round trip, tampering refused with nothing
 left behind, listing, the CLI, the Prefect flows with results persisted in the store."""
+
 from __future__ import annotations
 
 import json
@@ -35,9 +36,15 @@ def tiny_library(tmp_path_factory) -> Path:
 def _publish(store: str, lib: Path, tmp_path: Path, model: str = "tiny", build_id: str | None = None) -> dict:
     report = tmp_path / "report.json"
     report.write_text('{"model": "tiny"}')
-    meta = {"precision": "fp32", "latency_ms": 0.01, "trials": 0, "tvm_version": "0.27", "target": {"kind": "llvm"},
-            "inputs": ["x:1x8:float32"], "validation": {"passed": True, "samples": 1, "max_abs_err": 0.0,
-                                                       "max_rel_err": 0.0, "top1_agreement": 1.0}}
+    meta = {
+        "precision": "fp32",
+        "latency_ms": 0.01,
+        "trials": 0,
+        "tvm_version": "0.27",
+        "target": {"kind": "llvm"},
+        "inputs": ["x:1x8:float32"],
+        "validation": {"passed": True, "samples": 1, "max_abs_err": 0.0, "max_rel_err": 0.0, "top1_agreement": 1.0},
+    }
     return publish_build(store, model, "local", {"model.so": lib, "report.json": report}, meta, build_id)
 
 
@@ -50,8 +57,11 @@ def test_publish_list_fetch_and_load_round_trip(s3, tiny_library, tmp_path):
     assert rows[0]["latest"] and not rows[1]["latest"]
     assert rows[0]["precision"] == "fp32" and rows[0]["latency_ms"] == 0.01 and rows[0]["validation"]["passed"]
     got = fetch_build(store, "tiny", "local", "latest", tmp_path / "out")
-    assert got.build_id == new["build_id"] and sorted(p.name for p in got.path.iterdir()) == \
-        ["manifest.json", "model.so", "report.json"]
+    assert got.build_id == new["build_id"] and sorted(p.name for p in got.path.iterdir()) == [
+        "manifest.json",
+        "model.so",
+        "report.json",
+    ]
     assert (got.path / "model.so").read_bytes() == tiny_library.read_bytes()
     loaded = load_build(store, "tiny", "local", old["build_id"])
     y = loaded.run(np.load(tiny_library.with_suffix(".x.npy")))

@@ -1,4 +1,5 @@
 """The store on a real S3 server (SeaweedFS): publish, atomicity, clear errors, no leaked keys."""
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,15 @@ def _files(tmp_path: Path, tag: str = "a") -> dict[str, Path]:
 
 
 def _meta() -> dict:
-    return {"precision": "fp32", "latency_ms": 1.25, "trials": 16, "tvm_version": "0.27",
-            "validation": {"passed": True, "samples": 4, "max_abs_err": 1e-6, "max_rel_err": 1e-5,
-                           "top1_agreement": 1.0}, "target": {"kind": "llvm"}, "inputs": ["x:1x4:float32"]}
+    return {
+        "precision": "fp32",
+        "latency_ms": 1.25,
+        "trials": 16,
+        "tvm_version": "0.27",
+        "validation": {"passed": True, "samples": 4, "max_abs_err": 1e-6, "max_rel_err": 1e-5, "top1_agreement": 1.0},
+        "target": {"kind": "llvm"},
+        "inputs": ["x:1x4:float32"],
+    }
 
 
 def test_publish_to_s3_writes_files_manifest_then_latest(s3, tmp_path):
@@ -75,8 +82,13 @@ def test_killed_publish_is_ignored_then_cleaned(s3, tmp_path):
 
 def test_missing_bucket_is_one_clear_line(s3, tmp_path):
     store = f"s3://no-such-bucket-{s3.bucket}/x"
-    for i, call in enumerate((lambda: check_store(store), lambda: list_builds(store),
-                              lambda: publish_build(store, "m", "local", _files(tmp_path), _meta()))):
+    for i, call in enumerate(
+        (
+            lambda: check_store(store),
+            lambda: list_builds(store),
+            lambda: publish_build(store, "m", "local", _files(tmp_path), _meta()),
+        )
+    ):
         with pytest.raises(TvmflowError, match="bucket 'no-such-bucket-.*' does not exist") as info:
             call()
             print("did not raise:", i)

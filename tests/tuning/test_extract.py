@@ -1,4 +1,5 @@
 """Task extraction and trial allocation by weighted FLOPs."""
+
 from __future__ import annotations
 
 import random
@@ -168,11 +169,14 @@ def test_bn_folding_and_layout_keep_torch_outputs(conv_bn, layout):
     assert "batch_norm" in mod.script() and "batch_norm" not in fold_batchnorm(mod).script(), "BN survived"
     folded = prepare_for_tuning(mod, target, layout=layout)
     if layout == "NHWC":
-        assert 'data_layout="NHWC"' in tvm.relax.transform.ConvertLayout(
-            {"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod).script()
+        assert (
+            'data_layout="NHWC"'
+            in tvm.relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod).script()
+        )
     np.testing.assert_allclose(_run(folded, x), ref, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(_run(prepare_for_tuning(mod, target, fold_bn=False, layout=layout), x), ref,
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        _run(prepare_for_tuning(mod, target, fold_bn=False, layout=layout), x), ref, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_unknown_layout_is_one_line_error(conv_bn):

@@ -1,5 +1,6 @@
 """One MetaSchedule session over all tasks (tasks.tuning.joint): real tracker and rpc servers,
 the MNIST CNN's tasks, a shared cost model saved and reloaded."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 
 from tasks.tuning.cost_model import load_model, model_path
 from tasks.tuning.extract import extract_tasks, prepare_for_tuning
-from tasks.tuning.joint import last_summary, per_iter_for, tune_jointly, tunable
+from tasks.tuning.joint import last_summary, per_iter_for, tunable, tune_jointly
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +27,17 @@ def session(mnist_tasks, local_workers, tmp_path_factory):
     tasks, device = mnist_tasks
     work, models = tmp_path_factory.mktemp("joint"), tmp_path_factory.mktemp("cost-model")
     lines: list[str] = []
-    results = tune_jointly(tasks, device, (local_workers.host, local_workers.tracker_port), 2, work,
-                           cost_model_dir=models, trials=32, log=lines.append, use_slots=False)
+    results = tune_jointly(
+        tasks,
+        device,
+        (local_workers.host, local_workers.tracker_port),
+        2,
+        work,
+        cost_model_dir=models,
+        trials=32,
+        log=lines.append,
+        use_slots=False,
+    )
     return work, models, lines, results, tasks, device
 
 
@@ -66,8 +76,11 @@ def test_saved_cost_model_ranks_candidates_better_than_a_fresh_one(session):
     assert loaded and not fresh_loaded
     db = open_db(work)
     mod = tvm.ir.load_json(tasks[0].mod_json)
-    records = [r for r in db.get_all_tuning_records()
-               if structural_equal(r.workload.mod, mod) and r.run_secs and float(r.run_secs[0]) < 1e9]
+    records = [
+        r
+        for r in db.get_all_tuning_records()
+        if structural_equal(r.workload.mod, mod) and r.run_secs and float(r.run_secs[0]) < 1e9
+    ]
     assert len(records) >= 8, "too few measured candidates of the heaviest task"
     context = ms.TuneContext(mod=mod, target=tvm.target.Target(device.target), task_name=tasks[0].name)
     candidates = [r.as_measure_candidate() for r in records]
@@ -80,8 +93,17 @@ def test_saved_cost_model_ranks_candidates_better_than_a_fresh_one(session):
 def test_time_budget_stops_the_session(mnist_tasks, local_workers, tmp_path):
     tasks, device = mnist_tasks
     lines: list[str] = []
-    results = tune_jointly(tasks, device, (local_workers.host, local_workers.tracker_port), 2, tmp_path,
-                           trials=320, time_budget_s=1, log=lines.append, use_slots=False)
+    results = tune_jointly(
+        tasks,
+        device,
+        (local_workers.host, local_workers.tracker_port),
+        2,
+        tmp_path,
+        trials=320,
+        time_budget_s=1,
+        log=lines.append,
+        use_slots=False,
+    )
     summary = last_summary(tmp_path)
     assert summary["stopped_by"] == "time budget", summary
     assert 0 < sum(r.trials_run for r in results) < 320

@@ -1,4 +1,5 @@
 """Merging per-task tuning databases keeps the best record of every workload."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,13 +10,12 @@ from tasks.tuning.pick_best import DB_FILES, has_db, merge_databases, open_db
 @pytest.fixture(scope="module")
 def workloads(mnist_pt2):
     """Two real MNIST workloads, each with a real schedule trace from its design space."""
+    import tvm
     from tvm.s_tir import meta_schedule as ms
 
     from tasks.devices.profiles import get_device
-    from tasks.tuning.extract import extract_tasks, prepare_for_tuning
     from tasks.importers.model_import import import_pt2
-
-    import tvm
+    from tasks.tuning.extract import extract_tasks, prepare_for_tuning
 
     target = get_device("local").tvm_target()
     tasks = extract_tasks(prepare_for_tuning(import_pt2(mnist_pt2).mod, target), target)[:2]
@@ -33,7 +33,7 @@ def _write_db(folder, workloads, secs_per_workload):
     from tvm.s_tir import meta_schedule as ms
 
     db = open_db(folder)
-    for (name, mod, trace, args, target), secs in zip(workloads, secs_per_workload):
+    for (_name, mod, trace, args, target), secs in zip(workloads, secs_per_workload):
         for s in secs:
             db.commit_tuning_record(ms.database.TuningRecord(trace, db.commit_workload(mod), [s], target, args))
     return folder

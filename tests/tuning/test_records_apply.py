@@ -1,10 +1,11 @@
 """The build must apply tuned records: compile_relax fuses its input once more before it looks
 records up, so the module we extract tasks from must already be a fusion fixpoint."""
+
 import tvm
 from tvm_ffi.structural import structural_equal
 
-from tasks.importers.bundled import mnist_cnn
 from tasks.devices.profiles import get_device
+from tasks.importers.bundled import mnist_cnn
 from tasks.tuning.extract import extract_tasks, fuse_passes, prepare_for_tuning
 
 

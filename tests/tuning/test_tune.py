@@ -1,13 +1,14 @@
 """Real MetaSchedule tuning of one MNIST task over RPC, and a device worker dying mid-search."""
+
 from __future__ import annotations
 
 import signal
 
 import pytest
 
+from tasks.devices.workers import kill_group, start_local_workers
 from tasks.tuning.extract import allocate_trials, extract_tasks, prepare_for_tuning
 from tasks.tuning.tune import tune_task
-from tasks.devices.workers import kill_group, start_local_workers
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,16 @@ def test_tune_one_task(tmp_path, conv_task, local_workers, prefect_harness):
     task, device = conv_task
     task.trials = 16
     lines = []
-    result = tune_task(task, device.target, tmp_path / "work", (local_workers.host, local_workers.tracker_port),
-                       "local", servers=2, label="[1/1]", report=lines.append)
+    result = tune_task(
+        task,
+        device.target,
+        tmp_path / "work",
+        (local_workers.host, local_workers.tracker_port),
+        "local",
+        servers=2,
+        label="[1/1]",
+        report=lines.append,
+    )
     assert result.error is None, result.error
     assert result.trials_run == 16 and 0 < result.valid <= 16
     assert result.best_ms is not None and result.best_ms > 0
@@ -65,8 +74,16 @@ def test_dead_worker_mid_tuning_loses_no_records(tmp_path, conv_task, prefect_ha
             kill_group(victim, signal.SIGKILL)
 
     try:
-        result = tune_task(task, device.target, work, (workers.host, workers.tracker_port), "dying",
-                           servers=2, label="[1/1]", report=report)
+        result = tune_task(
+            task,
+            device.target,
+            work,
+            (workers.host, workers.tracker_port),
+            "dying",
+            servers=2,
+            label="[1/1]",
+            report=report,
+        )
         after = _records(work)
         from tasks.devices.workers import free_servers
 

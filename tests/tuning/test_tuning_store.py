@@ -1,5 +1,6 @@
 """The shared per-device tuning database on S3 (SeaweedFS): shards, merge on read, reuse decisions,
 and a second compile of MNIST on a fresh machine that runs zero new trials."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from tasks.tuning import shared_db as tuning_store
 from tasks.devices.profiles import get_device
+from tasks.tuning import shared_db as tuning_store
 from tasks.tuning.pick_best import open_db
 
 
@@ -23,8 +24,8 @@ def mnist_tasks(mnist_pt2):
     from tvm.s_tir import Schedule
     from tvm.s_tir import meta_schedule as ms
 
-    from tasks.tuning.extract import extract_tasks, prepare_for_tuning
     from tasks.importers.model_import import import_pt2
+    from tasks.tuning.extract import extract_tasks, prepare_for_tuning
 
     target = get_device("local").tvm_target()
     tasks = extract_tasks(prepare_for_tuning(import_pt2(mnist_pt2).mod, target), target)[:3]
@@ -42,14 +43,15 @@ def _db(folder, entries):
     from tvm.s_tir import meta_schedule as ms
 
     db = open_db(folder)
-    for (task, mod, trace, args, target), secs in entries:
+    for (_task, mod, trace, args, target), secs in entries:
         db.commit_tuning_record(ms.database.TuningRecord(trace, db.commit_workload(mod), [secs], target, args))
     return folder
 
 
 def _index(entries, trials):
-    return {tuning_store.workload_key(task.mod_json): {"trials": trials, "task": task.name}
-            for (task, *_), _ in entries}
+    return {
+        tuning_store.workload_key(task.mod_json): {"trials": trials, "task": task.name} for (task, *_), _ in entries
+    }
 
 
 def test_concurrent_shards_from_two_threads_both_survive(s3, tmp_path, mnist_tasks):
@@ -59,8 +61,9 @@ def test_concurrent_shards_from_two_threads_both_survive(s3, tmp_path, mnist_tas
     def push(i):
         try:
             entries = [(mnist_tasks[i], 1e-3 * (i + 1))]
-            tuning_store.push_shard(store, device, [_db(tmp_path / f"run{i}", entries)], _index(entries, 32),
-                                    tmp_path / f"work{i}")
+            tuning_store.push_shard(
+                store, device, [_db(tmp_path / f"run{i}", entries)], _index(entries, 32), tmp_path / f"work{i}"
+            )
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
@@ -80,14 +83,27 @@ def test_concurrent_shards_from_two_threads_both_survive(s3, tmp_path, mnist_tas
 def test_reuse_warm_start_or_fresh_by_recorded_trials(s3, tmp_path, mnist_tasks):
     store, device = s3.store(), get_device("local")
     first, second, third = mnist_tasks
-    tuning_store.push_shard(store, device, [_db(tmp_path / "a", [(first, 1e-3), (second, 2e-3)])],
-                            {**_index([(first, 0)], 64), **_index([(second, 0)], 16)}, tmp_path / "w")
+    tuning_store.push_shard(
+        store,
+        device,
+        [_db(tmp_path / "a", [(first, 1e-3), (second, 2e-3)])],
+        {**_index([(first, 0)], 64), **_index([(second, 0)], 16)},
+        tmp_path / "w",
+    )
     shared = tuning_store.load_shared(store, device, tmp_path / "merged")
-    plan = [replace(first[0], trials=32), replace(second[0], trials=32), replace(third[0], trials=16),
-            replace(third[0], name="no_trials", trials=0)]
+    plan = [
+        replace(first[0], trials=32),
+        replace(second[0], trials=32),
+        replace(third[0], trials=16),
+        replace(third[0], name="no_trials", trials=0),
+    ]
     reuse = tuning_store.plan_reuse(plan, shared, tmp_path / "plan")
-    assert reuse.decisions == {first[0].name: "reused", second[0].name: "warm", third[0].name: "fresh",
-                               "no_trials": "untuned"}
+    assert reuse.decisions == {
+        first[0].name: "reused",
+        second[0].name: "warm",
+        third[0].name: "fresh",
+        "no_trials": "untuned",
+    }
     assert [t.name for t in reuse.to_tune] == [second[0].name, third[0].name]  # only what needs searching
     assert reuse.reused["no_trials"]["trials_run"] == 0 and reuse.reused["no_trials"]["error"]
     assert reuse.summary()["reused"] == 1 and reuse.summary()["warm_started"] == 1
@@ -96,8 +112,16 @@ def test_reuse_warm_start_or_fresh_by_recorded_trials(s3, tmp_path, mnist_tasks)
     seed = open_db(reuse.seed_db_dir).get_all_tuning_records()
     assert len(seed) == 1 and float(seed[0].run_secs[0]) == pytest.approx(2e-3)
     # the next run's shard counts the earlier trials: 16 seeded + 32 new
-    tuned = [{"name": second[0].name, "trials_planned": 32, "trials_run": 32, "valid": 30, "error": None,
-              "db_dir": str(_db(tmp_path / "b", [(second, 1.5e-3)]))}]
+    tuned = [
+        {
+            "name": second[0].name,
+            "trials_planned": 32,
+            "trials_run": 32,
+            "valid": 30,
+            "error": None,
+            "db_dir": str(_db(tmp_path / "b", [(second, 1.5e-3)])),
+        }
+    ]
     assert tuning_store.run_index(reuse, tuned)[reuse.keys[second[0].name]]["trials"] == 48
 
 
@@ -113,8 +137,13 @@ def test_records_of_another_target_are_ignored(s3, tmp_path, mnist_tasks):
 def test_compaction_keeps_every_record(s3, tmp_path, mnist_tasks):
     store, device = s3.store(), get_device("local")
     for i, entry in enumerate(mnist_tasks):
-        tuning_store.push_shard(store, device, [_db(tmp_path / f"r{i}", [(entry, 1e-3)])], _index([(entry, 0)], 16 * (i + 1)),
-                                tmp_path / "w")
+        tuning_store.push_shard(
+            store,
+            device,
+            [_db(tmp_path / f"r{i}", [(entry, 1e-3)])],
+            _index([(entry, 0)], 16 * (i + 1)),
+            tmp_path / "w",
+        )
     assert tuning_store.compact(store, device, tmp_path / "c") == 3
     fs = s3.fs()
     metas = fs.glob(f"{tuning_store.tuning_prefix(store, 'local')}/shards/*/meta.json")
@@ -140,8 +169,14 @@ def test_second_compile_on_a_fresh_machine_runs_zero_trials(s3, prefect_harness,
     from flows.compile import compile_flow
 
     store = s3.store()
-    kwargs = dict(model="tasks.importers.bundled:mnist_cnn", data="bundled:mnist:8", device="local", trials=32,
-                  store=store, measure_untuned=False)
+    kwargs = dict(
+        model="tasks.importers.bundled:mnist_cnn",
+        data="bundled:mnist:8",
+        device="local",
+        trials=32,
+        store=store,
+        measure_untuned=False,
+    )
     first = compile_flow(**kwargs)
     tuned = [r for r in first["tuning"] if r["trials_run"]]
     assert first["trials"] >= 16 and tuned and first["tuning_reuse"]["shard"]

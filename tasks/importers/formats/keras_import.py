@@ -5,6 +5,7 @@ TVM 0.27 has no Keras frontend, so the model is loaded with KERAS_BACKEND=torch 
 then a torch nn.Module), captured with torch.export and imported by the torch frontend. Inputs stay
 NHWC as Keras gives them. The reference is Keras itself (`predict_on_batch`, torch backend).
 """
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,9 @@ def _keras():
     except ImportError:
         raise TvmflowError("Keras support needs `keras` and `h5py`: run `bash scripts/setup.sh`") from None
     if keras.backend.backend() != "torch":
-        raise TvmflowError(f"Keras was already loaded with the {keras.backend.backend()!r} backend; "
-                           "set KERAS_BACKEND=torch")
+        raise TvmflowError(
+            f"Keras was already loaded with the {keras.backend.backend()!r} backend; set KERAS_BACKEND=torch"
+        )
     return keras
 
 
@@ -64,8 +66,9 @@ def h5_kind(path: Path) -> str:
             if "vars" in handle or "layers" in handle:
                 return "weights"
     except OSError:
-        raise TvmflowError(f"{Path(path).name} is an HDF5 file that cannot be read (corrupt or truncated); "
-                           "save the model again") from None
+        raise TvmflowError(
+            f"{Path(path).name} is an HDF5 file that cannot be read (corrupt or truncated); save the model again"
+        ) from None
     return ""
 
 
@@ -130,7 +133,9 @@ def import_keras(path: Path, overrides=None, batch: int | None = None) -> Import
         with torch.no_grad():
             program = torch.export.export(_named_wrapper(model, [s.name for s in specs]).eval(), example)
     except Exception as err:  # noqa: BLE001
-        raise TvmflowError(f"torch.export of the Keras model failed: {str(err).strip().splitlines()[0][:300]}") from None
+        raise TvmflowError(
+            f"torch.export of the Keras model failed: {str(err).strip().splitlines()[0][:300]}"
+        ) from None
     return ImportedModel(relax_from_program(program, "Keras (torch)"), specs, "keras", resolved.notes)
 
 
@@ -171,8 +176,9 @@ def detect(path: Path) -> bool:
     if start.startswith(b"\x89HDF"):
         kind = h5_kind(path)
         if kind.startswith("weights"):
-            raise TvmflowError(f"{path.name} holds Keras weights only; give the architecture too: "
-                               f"--model arch.json+{path.name}")
+            raise TvmflowError(
+                f"{path.name} holds Keras weights only; give the architecture too: --model arch.json+{path.name}"
+            )
         if kind != "model":
             raise UnknownFormat(f"{path.name} is an HDF5 file but not a Keras model")
         return True
@@ -181,6 +187,12 @@ def detect(path: Path) -> bool:
     return False
 
 
-IMPORTER = Importer(format="keras", framework="keras",
-                    description="Keras 3 (.keras, full-model .h5, or arch.json+weights.h5)",
-                    detect=detect, import_=import_keras, reference=KerasRunner, export_onnx=export_onnx)
+IMPORTER = Importer(
+    format="keras",
+    framework="keras",
+    description="Keras 3 (.keras, full-model .h5, or arch.json+weights.h5)",
+    detect=detect,
+    import_=import_keras,
+    reference=KerasRunner,
+    export_onnx=export_onnx,
+)

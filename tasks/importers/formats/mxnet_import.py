@@ -6,6 +6,7 @@ thread settings), so `bash scripts/setup-mxnet.sh` makes a small converter envir
 mxnet_tool.py runs there: it converts the model to ONNX (the interchange; then the ONNX importer
 takes over) and serves the MXNet reference outputs. Without it, nothing else changes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,8 +68,13 @@ def convert(path: Path, overrides=None) -> Path:
         return out
     out.parent.mkdir(exist_ok=True)
     tmp = out.with_suffix(".part.onnx")
-    proc = subprocess.run([str(converter_python()), str(TOOL), "convert", str(symbol), str(params), str(tmp), *args],
-                          capture_output=True, text=True, timeout=600, env=_env())
+    proc = subprocess.run(
+        [str(converter_python()), str(TOOL), "convert", str(symbol), str(params), str(tmp), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     reply = json.loads(lines[-1]) if lines else {}
     if proc.returncode != 0:
@@ -101,9 +107,14 @@ class MXNetRunner:
         self._tmp = tempfile.TemporaryDirectory(prefix="tvmflow-mxnet-")
         self._stderr = Path(self._tmp.name) / "stderr.log"
         with open(self._stderr, "w") as log:  # a file, not a pipe: MXNet's warnings never block it
-            self._proc = subprocess.Popen([str(converter_python()), str(TOOL), "serve", str(symbol), str(params)],
-                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                          text=True, env=_env())
+            self._proc = subprocess.Popen(
+                [str(converter_python()), str(TOOL), "serve", str(symbol), str(params)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                env=_env(),
+            )
         self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _stop, self._proc, self._tmp)  # also runs at exit
         hello = self._reply()
@@ -159,15 +170,22 @@ def detect(path: Path) -> bool:
     if path.is_dir():
         return "mxnet-symbol" in dir_parts(path)
     if head(path).lstrip()[:1] == b"{" and is_symbol_json(path.read_text(errors="replace")):
-        raise TvmflowError(f"{path.name} is an MXNet symbol without its weights; give "
-                           f"--model {path.name}+<prefix>-NNNN.params, or keep the params next to a -symbol.json")
+        raise TvmflowError(
+            f"{path.name} is an MXNet symbol without its weights; give "
+            f"--model {path.name}+<prefix>-NNNN.params, or keep the params next to a -symbol.json"
+        )
     return False
 
 
-IMPORTER = Importer(format="mxnet", framework="mxnet",
-                    description="MXNet Gluon export (prefix-symbol.json [+ prefix-NNNN.params], optional extra)",
-                    detect=detect, import_=import_mxnet, reference=MXNetRunner,
-                    export_onnx=lambda path, out, names: converted_onnx(path))
+IMPORTER = Importer(
+    format="mxnet",
+    framework="mxnet",
+    description="MXNet Gluon export (prefix-symbol.json [+ prefix-NNNN.params], optional extra)",
+    detect=detect,
+    import_=import_mxnet,
+    reference=MXNetRunner,
+    export_onnx=lambda path, out, names: converted_onnx(path),
+)
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m tasks.importers.formats.mxnet_import` prints where it looks

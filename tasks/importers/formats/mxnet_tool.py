@@ -7,6 +7,7 @@ scripts/setup-mxnet.sh), never imported by tvmflow itself. Standard library + nu
 Why a separate process: MXNet 1.9.1 needs numpy<2 plus alias shims, and it changes process-wide
 thread settings; the pipeline consumes the ONNX it writes, and the reference runs here.
 """
+
 import json
 import sys
 import time
@@ -18,7 +19,7 @@ for _name, _value in {"bool": bool, "int": int, "float": float, "object": object
     if _name not in np.__dict__:
         setattr(np, _name, _value)
 
-import mxnet as mx
+import mxnet as mx  # noqa: E402
 
 USAGE_ERROR = 3
 
@@ -53,14 +54,24 @@ def convert(symbol_path, params_path, out_path, input_args):
     unknown = [n for n in specs if n not in names]
     if missing or unknown:
         hint = " ".join(f"--input {n}:1x3x224x224:float32" for n in missing)
-        print(json.dumps({"error": (f"MXNet symbols carry no input shapes: give {hint}" if missing else
-                                    f"--input names {unknown} are not inputs of the model; its inputs are {names}"),
-                          "inputs": names}))
+        print(
+            json.dumps(
+                {
+                    "error": (
+                        f"MXNet symbols carry no input shapes: give {hint}"
+                        if missing
+                        else f"--input names {unknown} are not inputs of the model; its inputs are {names}"
+                    ),
+                    "inputs": names,
+                }
+            )
+        )
         return USAGE_ERROR
     # opset 17: what MXNet's converter and TVM's ONNX frontend both handle (onnx 1.14 would say 19)
     onnx.defs.onnx_opset_version = lambda: 17
-    mx.onnx.export_model(symbol_path, params_path, [specs[n][0] for n in names],
-                         [np.dtype(specs[n][1]) for n in names], out_path)
+    mx.onnx.export_model(
+        symbol_path, params_path, [specs[n][0] for n in names], [np.dtype(specs[n][1]) for n in names], out_path
+    )
     model = onnx.load(out_path)
     # weights listed as graph inputs too: keep only the real inputs (ORT and TVM then fold them)
     weights = {init.name for init in model.graph.initializer}
@@ -85,7 +96,7 @@ def serve(symbol_path, params_path):
             args = [mx.nd.array(data[n], dtype=data[n].dtype) for n in names]
 
             def forward():
-                out = net(*args)
+                out = net(*args)  # noqa: B023
                 outs = out if isinstance(out, (list, tuple)) else [out]
                 return [o.asnumpy() for o in outs]  # asnumpy waits for MXNet's async engine
 

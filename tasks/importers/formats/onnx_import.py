@@ -4,6 +4,7 @@ Before import: input shapes are fixed (dynamic batch -> `batch`), shape arithmet
 (tasks.importers.onnx_fold), and every problem (dynamic dims, unsupported operators) is reported
 in one error. The reference is onnxruntime.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -76,8 +77,10 @@ def import_onnx(path: Path, overrides: list[InputSpec] | None = None, batch: int
     try:
         model = onnx.load(str(path))
     except Exception as err:  # noqa: BLE001
-        raise TvmflowError(f"{Path(path).name} is not a model this tool can read (corrupt, truncated: {err.__class__.__name__}); "
-                           "export it again") from None
+        raise TvmflowError(
+            f"{Path(path).name} is not a model this tool can read (corrupt, truncated: {err.__class__.__name__}); "
+            "export it again"
+        ) from None
     resolved = resolve_inputs(declared_inputs(model), overrides, batch)
     problems = list(resolved.problems)
     unsupported = unsupported_operators(model)
@@ -91,8 +94,9 @@ def import_onnx(path: Path, overrides: list[InputSpec] | None = None, batch: int
         model = folded.model
         notes.append(folded.note)
     try:
-        mod = from_onnx(model, shape_dict={s.name: list(s.shape) for s in specs},
-                        dtype_dict={s.name: s.dtype for s in specs})
+        mod = from_onnx(
+            model, shape_dict={s.name: list(s.shape) for s in specs}, dtype_dict={s.name: s.dtype for s in specs}
+        )
     except Exception as err:  # noqa: BLE001 - the importer raises many types
         raise import_failed("ONNX", err) from None
     from tasks.precision.qdq import is_qdq, lower_qdq
@@ -134,5 +138,11 @@ class OnnxRunner:
 
 
 IMPORTER = Importer(
-    format="onnx", framework="onnx", description="ONNX (.onnx)",
-    detect=detect, import_=import_onnx, reference=OnnxRunner, export_onnx=lambda path, out, names: Path(path))
+    format="onnx",
+    framework="onnx",
+    description="ONNX (.onnx)",
+    detect=detect,
+    import_=import_onnx,
+    reference=OnnxRunner,
+    export_onnx=lambda path, out, names: Path(path),
+)

@@ -5,6 +5,7 @@ quantization writes) import as fp32 compute: the frontend folds each DEQUANTIZE 
 float16 constant cast to float32. Inputs keep TFLite's layout (NHWC for images).
 The reference is the LiteRT interpreter (`ai-edge-litert`), i.e. what the device app ran.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,8 +45,10 @@ def load(path: Path):
             if buf.DataLength() and len(buf.DataAsNumpy()) != buf.DataLength():
                 raise ValueError("buffer out of range")
     except Exception as err:  # noqa: BLE001 - flatbuffers raises IndexError/struct.error on bad bytes
-        raise TvmflowError(f"{Path(path).name} is not a readable TFLite model ({err.__class__.__name__}); "
-                           "it may be corrupt or truncated: convert it again") from None
+        raise TvmflowError(
+            f"{Path(path).name} is not a readable TFLite model ({err.__class__.__name__}); "
+            "it may be corrupt or truncated: convert it again"
+        ) from None
     return model, subgraph
 
 
@@ -53,8 +56,15 @@ def _type_name(code: int) -> str:
     from tflite.TensorType import TensorType
 
     names = {v: k.lower() for k, v in vars(TensorType).items() if not k.startswith("_")}
-    return {"float32": "float32", "float16": "float16", "int8": "int8", "uint8": "uint8",
-            "int32": "int32", "int64": "int64", "bool": "bool"}.get(names.get(code, ""), "float32")
+    return {
+        "float32": "float32",
+        "float16": "float16",
+        "int8": "int8",
+        "uint8": "uint8",
+        "int32": "int32",
+        "int64": "int64",
+        "bool": "bool",
+    }.get(names.get(code, ""), "float32")
 
 
 def input_specs(path: Path, overrides=None, batch: int | None = None) -> ResolvedInputs:
@@ -76,8 +86,9 @@ def import_tflite(path: Path, overrides=None, batch: int | None = None) -> Impor
     resolved = input_specs(path, overrides, batch)
     specs = resolved.specs
     try:
-        mod = from_tflite(model, shape_dict={s.name: s.shape for s in specs},
-                          dtype_dict={s.name: s.dtype for s in specs})
+        mod = from_tflite(
+            model, shape_dict={s.name: s.shape for s in specs}, dtype_dict={s.name: s.dtype for s in specs}
+        )
     except Exception as err:  # noqa: BLE001 - the importer raises many types
         raise _tflite_unsupported(err) or import_failed("TFLite", err) from None
     # the weights are inline constants already; the "params" attribute only duplicates them
@@ -89,10 +100,12 @@ def _tflite_unsupported(err: Exception) -> TvmflowError | None:
     import re
 
     match = re.search(r"not supported in frontend TFLite: ([\w, ]+)", str(err)) or re.search(
-        r"operators are not supported[^:]*: ([\w, ]+)", str(err))
+        r"operators are not supported[^:]*: ([\w, ]+)", str(err)
+    )
     if match:
-        return TvmflowError(f"unsupported TFLite operator(s): {match.group(1).strip()}; replace them in "
-                            "the model before converting")
+        return TvmflowError(
+            f"unsupported TFLite operator(s): {match.group(1).strip()}; replace them in the model before converting"
+        )
     return None
 
 
@@ -125,5 +138,11 @@ def detect(path: Path) -> bool:
     return True
 
 
-IMPORTER = Importer(format="tflite", framework="tflite", description="TFLite (.tflite)",
-                    detect=detect, import_=import_tflite, reference=TFLiteRunner)
+IMPORTER = Importer(
+    format="tflite",
+    framework="tflite",
+    description="TFLite (.tflite)",
+    detect=detect,
+    import_=import_tflite,
+    reference=TFLiteRunner,
+)

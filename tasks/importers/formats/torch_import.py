@@ -1,5 +1,6 @@
 """PyTorch: torch.export `.pt2` ExportedPrograms and `package.module:callable` factories (exported
 to `.pt2` first), imported with `tvm.relax.frontend.torch`. The reference is the program's module."""
+
 from __future__ import annotations
 
 import importlib
@@ -61,8 +62,10 @@ def load_program(path: Path):
     try:
         return torch.export.load(str(path))
     except Exception as err:  # noqa: BLE001
-        raise TvmflowError(f"cannot load {Path(path).name} as a torch.export program ({str(err).splitlines()[0]}); "
-                           "the file may be corrupt or truncated: export it again") from None
+        raise TvmflowError(
+            f"cannot load {Path(path).name} as a torch.export program ({str(err).splitlines()[0]}); "
+            "the file may be corrupt or truncated: export it again"
+        ) from None
 
 
 def import_pt2(path: Path, overrides: list[InputSpec] | None = None, batch: int | None = None) -> ImportedModel:
@@ -72,10 +75,14 @@ def import_pt2(path: Path, overrides: list[InputSpec] | None = None, batch: int 
     for given in overrides or []:
         match = [s for s in specs if s.name == given.name]
         if not match:
-            raise TvmflowError(f"--input {given.name!r} is not an input of the model; its inputs are {[s.name for s in specs]}")
+            raise TvmflowError(
+                f"--input {given.name!r} is not an input of the model; its inputs are {[s.name for s in specs]}"
+            )
         if match[0].shape != given.shape or match[0].dtype != given.dtype:
-            raise TvmflowError(f"--input {given} does not match the exported program's static input {match[0]}; "
-                               "export the model with that shape")
+            raise TvmflowError(
+                f"--input {given} does not match the exported program's static input {match[0]}; "
+                "export the model with that shape"
+            )
     notes = [f"--batch {batch} ignored: a .pt2 program has static shapes"] if batch not in (None, 1) else []
     return ImportedModel(relax_from_program(program, "PyTorch"), specs, "torch", notes)
 
@@ -102,5 +109,12 @@ def export_onnx(path: Path, out_path: Path, input_names: list[str]) -> Path:
     return Path(out_path)
 
 
-IMPORTER = Importer(format="pt2", framework="torch", description="PyTorch ExportedProgram (.pt2)",
-                    detect=detect, import_=import_pt2, reference=TorchRunner, export_onnx=export_onnx)
+IMPORTER = Importer(
+    format="pt2",
+    framework="torch",
+    description="PyTorch ExportedProgram (.pt2)",
+    detect=detect,
+    import_=import_pt2,
+    reference=TorchRunner,
+    export_onnx=export_onnx,
+)

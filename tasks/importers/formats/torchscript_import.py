@@ -6,6 +6,7 @@ module goes through torch's TorchScript ONNX exporter (`torch.onnx.export(..., d
 and the ONNX importer (shape folding included). The reference is the TorchScript module itself.
 A traced module remembers its example inputs' shapes; a scripted one needs --input.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -28,8 +29,10 @@ from tasks.importers.types import (
 
 OPSET = 17
 LEGACY_PICKLE = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # torch.save before the zip format
-SAVE_INSTEAD = ("save the model itself: torch.jit.save(torch.jit.trace(model, example), 'model.pt') or "
-                "torch.export.save(torch.export.export(model, (example,)), 'model.pt2')")
+SAVE_INSTEAD = (
+    "save the model itself: torch.jit.save(torch.jit.trace(model, example), 'model.pt') or "
+    "torch.export.save(torch.export.export(model, (example,)), 'model.pt2')"
+)
 
 
 def detect(path: Path) -> bool:
@@ -38,14 +41,18 @@ def detect(path: Path) -> bool:
     names = zip_names(path)
     if names is None:
         if head(path, len(LEGACY_PICKLE)) == LEGACY_PICKLE:
-            raise TvmflowError(f"{Path(path).name} is a torch.save checkpoint (weights or a pickled module), not "
-                               f"a model graph; {SAVE_INSTEAD}")
+            raise TvmflowError(
+                f"{Path(path).name} is a torch.save checkpoint (weights or a pickled module), not "
+                f"a model graph; {SAVE_INSTEAD}"
+            )
         return False
     if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
         return True
     if any(n.endswith("/data.pkl") for n in names):
-        raise TvmflowError(f"{Path(path).name} is a torch.save checkpoint (a state dict or a pickled module), not a "
-                           f"model graph; {SAVE_INSTEAD}")
+        raise TvmflowError(
+            f"{Path(path).name} is a torch.save checkpoint (a state dict or a pickled module), not a "
+            f"model graph; {SAVE_INSTEAD}"
+        )
     return False
 
 
@@ -53,8 +60,10 @@ def load(path: Path):
     try:
         return torch.jit.load(str(path), map_location="cpu", _restore_shapes=True).eval()
     except Exception as err:  # noqa: BLE001 - torch raises RuntimeError and others
-        raise TvmflowError(f"cannot load {Path(path).name} as TorchScript ({str(err).strip().splitlines()[0][:200]}); "
-                           "save it again with torch.jit.save") from None
+        raise TvmflowError(
+            f"cannot load {Path(path).name} as TorchScript ({str(err).strip().splitlines()[0][:200]}); "
+            "save it again with torch.jit.save"
+        ) from None
 
 
 def declared_inputs(module) -> list[InputSpec]:
@@ -81,8 +90,10 @@ def _specs(module, overrides, batch):
         elif spec.name in given:  # rank from --input, every dim open
             known.append(InputSpec(spec.name, (-1,) * len(given[spec.name].shape), given[spec.name].dtype))
         else:
-            problems.append(f"TorchScript input {spec.name!r} has no recorded shape (a scripted module): give it "
-                            f"with --input {spec.name}:1x3x224x224:float32")
+            problems.append(
+                f"TorchScript input {spec.name!r} has no recorded shape (a scripted module): give it "
+                f"with --input {spec.name}:1x3x224x224:float32"
+            )
     resolved = resolve_inputs(known, overrides, batch)
     problems += resolved.problems
     if problems:
@@ -93,11 +104,19 @@ def _specs(module, overrides, batch):
 def to_onnx(module, specs: list[InputSpec], out_path: Path) -> Path:
     example = tuple(torch.zeros(s.shape, dtype=getattr(torch, s.dtype)) for s in specs)
     try:
-        torch.onnx.export(module, example, str(out_path), dynamo=False, opset_version=OPSET,
-                          input_names=[s.name for s in specs], do_constant_folding=True)
+        torch.onnx.export(
+            module,
+            example,
+            str(out_path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[s.name for s in specs],
+            do_constant_folding=True,
+        )
     except Exception as err:  # noqa: BLE001
-        raise TvmflowError(f"torch.onnx.export of the TorchScript module failed: "
-                           f"{str(err).strip().splitlines()[0][:300]}") from None
+        raise TvmflowError(
+            f"torch.onnx.export of the TorchScript module failed: {str(err).strip().splitlines()[0][:300]}"
+        ) from None
     return Path(out_path)
 
 
@@ -107,7 +126,9 @@ def import_torchscript(path: Path, overrides: list[InputSpec] | None = None, bat
     with tempfile.TemporaryDirectory(prefix="tvmflow-ts-") as tmp:
         onnx_path = to_onnx(module, specs, Path(tmp) / "model.onnx")
         imported = import_onnx(onnx_path, specs)
-    notes = notes + [f"TorchScript converted with torch.onnx.export (TorchScript exporter, opset {OPSET})"] + imported.notes
+    notes = (
+        notes + [f"TorchScript converted with torch.onnx.export (TorchScript exporter, opset {OPSET})"] + imported.notes
+    )
     return ImportedModel(imported.mod, specs, "torchscript", notes)
 
 
@@ -132,6 +153,12 @@ def export_onnx(path: Path, out_path: Path, input_names: list[str]) -> Path:
     return to_onnx(module, _specs(module, None, None)[0], out_path)
 
 
-IMPORTER = Importer(format="torchscript", framework="torchscript",
-                    description="TorchScript (.pt/.pth from torch.jit.save)", detect=detect,
-                    import_=import_torchscript, reference=TorchScriptRunner, export_onnx=export_onnx)
+IMPORTER = Importer(
+    format="torchscript",
+    framework="torchscript",
+    description="TorchScript (.pt/.pth from torch.jit.save)",
+    detect=detect,
+    import_=import_torchscript,
+    reference=TorchScriptRunner,
+    export_onnx=export_onnx,
+)
