@@ -18,6 +18,7 @@ per process on this host, in the tuner, the build and every correctness check.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 
 DOT_INSTRUCTIONS = ("vpdpbusd", "vpdpbusds", "vpmaddubsw", "vpmaddwd", "vpmulld")
@@ -79,8 +80,18 @@ def instruction_counts(asm: str) -> dict[str, int]:
     return {name: len(re.findall(rf"\b{name}\b", asm)) for name in DOT_INSTRUCTIONS}
 
 
+# TensorIntrin.register raises "already been registered" on a second call: two threads building at
+# once would both pass the get() check, so the check and the registration happen under one lock.
+_REGISTER_LOCK = threading.Lock()
+
+
 def register(intrin: DotIntrin) -> str:
-    """Register one intrinsic once (u8[4] x s8[lanes, 4] -> s32[lanes], TVM's description)."""
+    """Register one intrinsic once (u8[4] x s8[lanes, 4] -> s32[lanes], TVM's description); thread-safe."""
+    with _REGISTER_LOCK:
+        return _register_once(intrin)
+
+
+def _register_once(intrin: DotIntrin) -> str:
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
