@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from tasks import progress
 
@@ -86,7 +87,7 @@ class Display(logging.Handler):
         self.tune_start: float | None = None
         self.tune_trials0 = 0
         self._last_trials = 0
-        self._live = None
+        self._live: Any = None  # rich.live.Live while shown
 
     # logging.Handler
     def emit(self, record: logging.LogRecord) -> None:
@@ -104,7 +105,7 @@ class Display(logging.Handler):
         if stage != self.fields.get("stage"):
             self.fields = {k: v for k, v in self.fields.items() if k in ("model", "device")}
         self.fields.update(payload)
-        self.stages.setdefault(stage, [now, now])[1] = now
+        self.stages.setdefault(str(stage), [now, now])[1] = now
         if payload.get("budget"):
             if self.tune_start is None:
                 self.tune_start, self.tune_trials0 = now, int(payload.get("trials") or 0)

@@ -134,7 +134,8 @@ def serve(
         while all(p.poll() is None for p in procs):
             time.sleep(1)
         dead = next(p for p in procs if p.poll() is not None)
-        raise TvmflowError(f"{' '.join(dead.args[1:3])} exited ({dead.returncode}); see {logs}")
+        command = dead.args if isinstance(dead.args, list) else [dead.args]
+        raise TvmflowError(f"{' '.join(map(str, command[1:3]))} exited ({dead.returncode}); see {logs}")
     except KeyboardInterrupt:
         return 0
     finally:

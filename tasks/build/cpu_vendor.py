@@ -400,8 +400,8 @@ def offload(mod, target=None, only: set | None = None, backend: str = "dnnl") ->
 
 
 # ---- per-operator pick-best: time each operator in a TIR build and in a vendor build
-def profile_calls(ex, x, rounds: int = 3) -> list[tuple[str, float]]:
-    """(kernel or extern name, median us) of every call of `main`, in call order. TVM 0.27's VM
+def profile_calls(ex, x, rounds: int = 3) -> list[tuple[str, float, str]]:
+    """(kernel or extern name, median us, shape key) of every call of `main`, in call order. TVM 0.27's VM
     has no profiler: a VM instrument stamps the time around every call (as bench/compile_bench.py)."""
     import time
 

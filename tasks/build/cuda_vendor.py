@@ -365,7 +365,7 @@ def collect_specs(mod) -> dict:
     """Every distinct conv2d / matmul of a Relax module, by key."""
     from tvm import relax
 
-    found = {}
+    found: dict = {}
 
     @relax.expr_functor.visitor
     class Visitor(relax.PyExprVisitor):

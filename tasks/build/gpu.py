@@ -215,7 +215,8 @@ def _backend_passes(target, stage: str) -> list:
 
 def generated_source(executable) -> dict[str, str]:
     """Device code inside a built executable, by module kind ("cuda": CUDA C, "opencl": OpenCL C...)."""
-    sources, stack = {}, _imports(executable.mod)
+    sources: dict[str, str] = {}
+    stack = _imports(executable.mod)
     while stack:
         module = stack.pop()
         stack.extend(_imports(module))
@@ -710,7 +711,7 @@ def time_graph_artifact(path: str, dev, repeat: int = GRAPH_REPEAT, runs: int = 
 _GRAPH_INPUT: dict[str, tuple] = {}
 
 
-def measure_operators(specs: dict, target, dev, vendors=(), workers: int = 0, log=print) -> dict:
+def measure_operators(specs: dict, target, dev, vendors=(), workers: int = 0, log=print) -> tuple[dict, dict]:
     """Pick best per operator: time every candidate of every spec on `dev`, choose with
     tasks.build.candidates.choose. Returns {key: OperatorChoice}; a candidate's detail names the
     cuDNN algorithm or the DLight rule (the other rule's time in brackets)."""
@@ -720,7 +721,7 @@ def measure_operators(specs: dict, target, dev, vendors=(), workers: int = 0, lo
     from tasks.build.candidates import Candidate, choose
 
     algos = {}
-    items = []  # (key, backend, detail, mod)
+    items: list[tuple] = []  # (key, backend, detail, mod)
     for key, spec in specs.items():
         algo = None
         if "cudnn" in vendors and isinstance(spec, cuda_vendor.ConvSpec) and spec.vendor_ok is None:
@@ -733,7 +734,7 @@ def measure_operators(specs: dict, target, dev, vendors=(), workers: int = 0, lo
     graphs = [graph_timing_module(m, target) for *_, m in items]
     built = build_in_parallel(graphs, target, workers, f_build=build_timing_worker)
     log(f"pick-best: built {len(items)} candidates of {len(specs)} operators in {time.monotonic() - started:.0f} s")
-    times = {}
+    times: dict[str, list] = {}
     for (key, backend, detail, mod), (path, error) in zip(items, built):
         ms_ = None
         if path:
@@ -797,7 +798,7 @@ def compile_gpu(
         cuda_vendor.load_contrib(contrib)
     prepared = prepare_layout(mod, layout)
     specs = cuda_vendor.collect_specs(prepared)
-    algos = {}
+    algos: dict = {}
     if decide is None and dev is not None:
         usable = tuple(v for v in vendors if v in cuda_vendor.available_vendors())
         choices, algos = measure_operators(specs, target, dev, usable, log=log)

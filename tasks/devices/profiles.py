@@ -81,7 +81,7 @@ def _resolve_host_values(target: dict) -> dict:
 
 
 def load_fleet(path: str | os.PathLike | None = None) -> dict[str, DeviceProfile]:
-    path = Path(path or os.environ.get("TVMFLOW_FLEET", FLEET_FILE))
+    path = Path(path or os.environ.get("TVMFLOW_FLEET") or FLEET_FILE)
     try:
         raw = yaml.safe_load(path.read_text())["devices"]
     except (OSError, KeyError, TypeError, yaml.YAMLError) as err:

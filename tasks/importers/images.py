@@ -114,7 +114,9 @@ def _read_members(uri: str) -> dict[str, bytes]:
                 return {n: archive.read(n) for n in archive.namelist() if wanted(n) and not n.endswith("/")}
         with tarfile.open(fileobj=io.BytesIO(data)) as archive:
             return {
-                m.name: archive.extractfile(m).read() for m in archive.getmembers() if m.isfile() and wanted(m.name)
+                m.name: archive.extractfile(m).read()  # type: ignore[union-attr]  # isfile(): never None
+                for m in archive.getmembers()
+                if m.isfile() and wanted(m.name)
             }
     fs, root = fsspec.core.url_to_fs(uri)
     root = root.rstrip("/")
@@ -143,7 +145,7 @@ def _mapping(members: dict[str, bytes]) -> dict[str, int] | None:
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         pairs = [re.match(r"^(.*?)[\s,:]+(\d+)$", ln) for ln in lines]
         if all(pairs):
-            return {m.group(1): int(m.group(2)) for m in pairs}
+            return {m.group(1): int(m.group(2)) for m in pairs if m}
         return {ln: i for i, ln in enumerate(lines)}
     return None
 
@@ -182,11 +184,13 @@ def preprocess(data: bytes, shape: tuple, layout: str, options: ImageOptions) ->
 
     h, w = (shape[-2], shape[-1]) if layout == "nchw" else (shape[-3], shape[-2])
     channels = shape[-3] if layout == "nchw" else shape[-1]
-    img = Image.open(io.BytesIO(data))
+    img: Image.Image = Image.open(io.BytesIO(data))
     img = img.convert("L" if channels == 1 else "RGB")
     short = options.resize or round(max(h, w) / 0.875)
     scale = short / min(img.size)
-    img = img.resize((max(w, round(img.size[0] * scale)), max(h, round(img.size[1] * scale))), Image.BILINEAR)
+    img = img.resize(
+        (max(w, round(img.size[0] * scale)), max(h, round(img.size[1] * scale))), Image.Resampling.BILINEAR
+    )
     left, top = (img.size[0] - w) // 2, (img.size[1] - h) // 2
     arr = np.asarray(img.crop((left, top, left + w, top + h)), "float32")
     arr = arr[..., None] if arr.ndim == 2 else arr

@@ -156,10 +156,10 @@ def host_runner(mod, target: str | dict = "llvm"):
     import tvm
     from tvm import relax
 
-    target = tvm.target.Target(target)
-    with target:
+    tvm_target = tvm.target.Target(target)
+    with tvm_target:
         prepared = relax.get_pipeline("zero")(relax.transform.DecomposeOpsForInference()(mod))
-    executable = tvm.compile(prepared, target=target)
+    executable = tvm.compile(prepared, target=tvm_target)
     vm = relax.VirtualMachine(executable, tvm.cpu())
     names = [p.name for p in mod["main"].params]
 

@@ -65,7 +65,7 @@ def convert_model(mod, specs, precision: str, opts: PrecisionOptions, target="ll
     dataset = load_calibration(opts.calibration, specs)
     keep = parse_keep_float(opts.keep_float, list_layers(mod))
     ranges = calibrate(mod, dataset, opts.method, opts.percentile, target)
-    qmod, plan = quantize_model(mod, ranges, QuantConfig(opts.method, opts.percentile, keep, opts.reduce_range))
+    qmod, plan = quantize_model(mod, ranges, QuantConfig(opts.method, opts.percentile, keep, bool(opts.reduce_range)))
     return qmod, {
         "calibration": {"source": dataset.source, "samples": len(dataset), "method": opts.method},
         **plan.to_json(),

@@ -275,7 +275,7 @@ def load_build(
 
     build_id = resolve_build(store, model, device, build)
     manifest = read_manifest(store, model, device, build_id)
-    if not _host_arch_ok(manifest.get("target")):
+    if not _host_arch_ok(manifest.get("target") or {}):
         raise TvmflowError(
             f"build {build_id!r} targets {manifest['target'].get('mtriple')}, not this "
             f"{platform.machine()} host; fetch it with `tvmflow fetch` and load it on the device"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 DB_FILES = ("database_workload.json", "database_tuning_record.json")
@@ -26,7 +27,7 @@ def has_db(folder: str | Path) -> bool:
     return all((Path(folder) / name).exists() for name in DB_FILES)
 
 
-def merge_databases(sources: list[str | Path], out_dir: str | Path, verify_target: dict | None = None) -> int:
+def merge_databases(sources: Sequence[str | Path], out_dir: str | Path, verify_target: dict | None = None) -> int:
     """Commit every record into memory (workload indices differ per file), dump the best per workload.
 
     With `verify_target` (a target this host can run), a workload keeps its fastest record that

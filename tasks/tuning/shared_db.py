@@ -24,6 +24,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,7 +191,7 @@ def plan_reuse(
     db = open_db(shared.db_dir) if shared.db_dir else None
     keys = {t.name: workload_key(t.mod_json) for t in plan}
     reuse = ReusePlan([], {}, {}, keys, {}, None, shared)
-    seeds = []
+    seeds: list = []
     for task in plan:
         records = _records_for(db, task.mod_json) if db is not None else []
         paid = shared.trials.get(keys[task.name], 0) if records else 0
@@ -249,7 +250,7 @@ def run_index(reuse: ReusePlan, results: list[dict]) -> dict[str, dict]:
 def push_shard(
     store: str,
     device: DeviceProfile,
-    db_dirs: list[str | Path],
+    db_dirs: Sequence[str | Path],
     workloads: dict[str, dict],
     work_dir: str | Path,
     run_id: str | None = None,
@@ -311,7 +312,9 @@ def compact(store: str, device: DeviceProfile, work_dir: str | Path) -> int:
     fs, _ = store_fs(store)
     prefix = tuning_prefix(store, device.name)
     metas = _list_shards(fs, prefix, store)
-    folders, index, folded = [], {}, []
+    folders: list[Path] = []
+    index: dict = {}
+    folded: list = []
     for meta_path, raw in metas.items():
         meta = json.loads(raw)
         if meta.get("target") != device.target_key():

@@ -122,9 +122,11 @@ class MXNetRunner:
             raise TvmflowError(f"the MXNet reference did not start: {hello.get('error', 'no reply')}")
 
     def _reply(self) -> dict:
-        line = self._proc.stdout.readline()
+        stdout = self._proc.stdout
+        assert stdout is not None  # started with stdout=PIPE
+        line = stdout.readline()
         while line and not line.startswith("{"):
-            line = self._proc.stdout.readline()
+            line = stdout.readline()
         if not line:
             err = self._stderr.read_text().strip().splitlines() if self._stderr.exists() else []
             raise TvmflowError(f"the MXNet reference process exited: {(err or ['no output'])[-1][:300]}")
@@ -133,9 +135,12 @@ class MXNetRunner:
     def _call(self, sample: dict[str, np.ndarray], repeat: int = 0) -> tuple[list[np.ndarray], float | None]:
         with self._lock:
             src, dst = Path(self._tmp.name) / "in.npz", Path(self._tmp.name) / "out.npz"
-            np.savez(src, **{n: np.ascontiguousarray(sample[n]) for n in self.input_names})
-            self._proc.stdin.write(json.dumps({"in": str(src), "out": str(dst), "repeat": repeat}) + "\n")
-            self._proc.stdin.flush()
+            arrays = {n: np.ascontiguousarray(sample[n]) for n in self.input_names}
+            np.savez(src, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
+            stdin = self._proc.stdin
+            assert stdin is not None  # started with stdin=PIPE
+            stdin.write(json.dumps({"in": str(src), "out": str(dst), "repeat": repeat}) + "\n")
+            stdin.flush()
             reply = self._reply()
             if not reply.get("ok"):
                 raise TvmflowError(f"MXNet reference run failed: {reply.get('error')}")
@@ -147,14 +152,17 @@ class MXNetRunner:
 
     def latency_ms(self, sample: dict[str, np.ndarray]) -> float:
         """Timed inside the MXNet process, without the pipe and file hand-over."""
-        return float(self._call(sample, repeat=20)[1])
+        ms = self._call(sample, repeat=20)[1]
+        if ms is None:
+            raise TvmflowError("the MXNet reference returned no timing")
+        return float(ms)
 
     def close(self) -> None:
         self._finalizer()
 
 
 def _stop(proc: subprocess.Popen, tmp) -> None:
-    if proc.poll() is None:
+    if proc.poll() is None and proc.stdin is not None:
         proc.stdin.close()
         try:
             proc.wait(timeout=10)

@@ -64,7 +64,7 @@ def unsupported_operators(model) -> list[str]:
     """Operator types of the graph TVM's ONNX frontend has no converter for."""
     from tvm.relax.frontend.onnx import onnx_frontend
 
-    convert_map = getattr(onnx_frontend, "_get_convert_map", dict)()  # TVM's own table of converters
+    convert_map: dict = getattr(onnx_frontend, "_get_convert_map", dict)()  # TVM's own table of converters
     if not convert_map:
         return []
     return sorted({n.op_type for n in model.graph.node if n.op_type not in convert_map})
