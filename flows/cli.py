@@ -110,7 +110,7 @@ def _compile(args) -> int:
 
 
 def _retune(args) -> int:
-    """One retune now, with the deployment's parameters; exit 1 when a model failed."""
+    """One retune now, with the deployment's parameters; a failed model exits 3 (gate), 4 (unreachable) or 2."""
     from flows.retune import retune_flow
     from tasks.retune import Outcome, summary_rows
     from tasks.storage.results import with_store_results
@@ -143,7 +143,7 @@ def _retune(args) -> int:
         if "models failed" not in str(err):
             raise
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return exit_code(err)
     rows = summary_rows([Outcome(**o) for o in outcomes])
     for r in rows:
         print(

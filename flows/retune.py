@@ -18,7 +18,6 @@ from flows import stages
 from tasks import progress, retune
 from tasks.devices.profiles import DeviceProfile
 from tasks.devices.session import DeviceSession
-from tasks.errors import TvmflowError
 from tasks.importers.datasets import load_dataset
 from tasks.importers.model_import import parse_input_spec
 from tasks.precision.stage import PrecisionOptions
@@ -51,6 +50,7 @@ def retune_model(
             )
     except Exception as err:  # noqa: BLE001 - one model's failure must not stop the others
         outcome.status, outcome.reason = "failed", retune.failure_reason(err)
+        outcome.failure = retune.failure_kind(err)
     run_logger().info(f"{entry.name} on {profile.name}: {outcome.status}: {outcome.reason}")
     return outcome
 
@@ -89,7 +89,7 @@ def _retune(
         t.trials for t in tuning_plan.tuned
     )
     if latest_same_precision and not tuning_plan.tuned and not refresh:
-        outcome.status, outcome.reason = "kept", f"no extra budget: nothing tuned; LATEST {latest.build_id} is current"
+        outcome.status, outcome.reason = "kept", f"no extra budget: nothing tuned; LATEST {latest_same_precision.build_id} is current"
         return
     latest_db = latest_same_precision.folder if latest_same_precision else None
     tuning = stages.tune(
@@ -111,7 +111,7 @@ def _retune(
         and retune.same_database(built.db_dir, latest_same_precision)
         and not refresh
     ):
-        outcome.status, outcome.reason = "kept", f"tuning found nothing better; LATEST {latest.build_id} is current"
+        outcome.status, outcome.reason = "kept", f"tuning found nothing better; LATEST {latest_same_precision.build_id} is current"
         return
     run, validation, framework_ms = stages.validate(built, prepared, dataset, session)
     outcome.validation = validation.to_json()
@@ -125,6 +125,7 @@ def _retune(
         outcome.status = "kept" if latest else "failed"
         if not latest:
             outcome.reason = outcome.reason.replace("; kept LATEST", "; nothing published")
+            outcome.failure = "gate"  # validation failed (decide() publishes whatever validated with no LATEST)
         return
     baselines = {
         f"{source.framework} (host)": framework_ms,
@@ -189,11 +190,9 @@ def retune_flow(
         key=f"{key}-report",
         description="nightly retune report",
     )
-    failed = [o for o in outcomes if o.status == "failed"]
+    failed = retune.run_failed(outcomes)  # GateFailed / Unreachable / TvmflowError: the CLI's exit code
     if failed:
-        raise TvmflowError(
-            f"{len(failed)} of {len(outcomes)} models failed: " + "; ".join(f"{o.model}: {o.reason}" for o in failed)
-        )
+        raise failed
     return [o.to_json() for o in outcomes]
 
 

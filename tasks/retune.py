@@ -61,6 +61,7 @@ class Outcome:
     budget: int = 0
     precision: str | None = None
     validation: dict | None = None
+    failure: str | None = None  # a failed model's kind: gate | unreachable | error (the run's exit code)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -124,7 +125,7 @@ def check_parameters(
         problems.append(f"budget {budget} is negative; give the extra trials per model (0 = no tuning)")
     for wanted in {precision, *(e.precision for e in entries)} - {None}:
         try:
-            check_precision(wanted)
+            check_precision(str(wanted))
         except TvmflowError as err:
             problems.append(str(err))
     for entry in entries:
@@ -225,6 +226,34 @@ def decide(
         f"slower than LATEST: {new_ms:.3f} ms vs {latest_ms:.3f} ms "
         f"(over the {tolerance:.0%} noise margin); kept LATEST"
     )
+
+
+def failure_kind(err: BaseException) -> str:
+    """gate | unreachable | error: what kind of failure an exception that ended a model's retune is."""
+    from tasks.errors import GateFailed, Unreachable
+
+    if isinstance(err, GateFailed):
+        return "gate"
+    if isinstance(err, (Unreachable, TimeoutError)):  # TimeoutError: a Prefect timeout (tasks.retry_policy)
+        return "unreachable"
+    return "error"
+
+
+def run_failed(outcomes: list[Outcome]) -> TvmflowError | None:
+    """The error that ends a run with failed models: GateFailed when every failure was a gate,
+    Unreachable when a device or store could not be reached (and nothing else broke), else TvmflowError."""
+    from tasks.errors import GateFailed, Unreachable
+
+    failed = [o for o in outcomes if o.status == "failed"]
+    if not failed:
+        return None
+    text = f"{len(failed)} of {len(outcomes)} models failed: " + "; ".join(f"{o.model}: {o.reason}" for o in failed)
+    kinds = {o.failure or "error" for o in failed}
+    if kinds == {"gate"}:
+        return GateFailed(text)
+    if kinds <= {"gate", "unreachable"}:
+        return Unreachable(text)
+    return TvmflowError(text)
 
 
 def failure_reason(err: BaseException) -> str:

@@ -44,7 +44,7 @@ def on_device(rpc_key: str, slots: int, occupy: int = 1, timeout: float | None =
     """Hold `occupy` slots (at most the limit's size) of the device kind while measuring."""
     from prefect.concurrency.sync import concurrency
 
-    from tasks.errors import TvmflowError
+    from tasks.errors import Unreachable
 
     size = ensure_limit(rpc_key, slots)
     try:
@@ -53,7 +53,7 @@ def on_device(rpc_key: str, slots: int, occupy: int = 1, timeout: float | None =
         ):
             yield
     except TimeoutError:
-        raise TvmflowError(
+        raise Unreachable(
             f"no free {rpc_key!r} device slot within {timeout:.0f} s (global concurrency "
             f"limit {limit_name(rpc_key)!r} is full); retry later or raise its slots"
         ) from None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.errors import TvmflowError
+from tasks.errors import TvmflowError, Unreachable
 
 log = logging.getLogger("tvmflow.validate")
 
@@ -17,7 +17,7 @@ log = logging.getLogger("tvmflow.validate")
 # count in mind: k flips in n samples fail only when a binomial test says the true flip rate exceeds
 # the allowed one (p-value below `significance`): one flip in 20 is not evidence against 99 %.
 # max_rel_err: |tvm - ref| / max|ref| over every output (None: not judged).
-THRESHOLDS = {
+THRESHOLDS: dict[str, dict[str, float | None]] = {
     "fp32": {"max_rel_err": 1e-3, "top1_agreement": 1.0, "top5_agreement": 1.0, "significance": 0.05},
     "fp16": {"max_rel_err": 2e-2, "top1_agreement": 0.99, "top5_agreement": 0.99, "significance": 0.05},
     "bf16": {"max_rel_err": 6e-2, "top1_agreement": 0.99, "top5_agreement": 0.99, "significance": 0.05},
@@ -103,7 +103,7 @@ def run_on_device(
     try:
         session = rpc.connect_tracker(*tracker).request(key, priority=1, session_timeout=int(timeout))
     except Exception as err:  # noqa: BLE001
-        raise TvmflowError(
+        raise Unreachable(
             f"cannot get a device worker {key!r} from tracker {tracker[0]}:{tracker[1]} "
             f"({str(err).splitlines()[0] if str(err) else err.__class__.__name__}); is one registered?"
         ) from None
@@ -225,7 +225,7 @@ def compare(
     gate = gate_thresholds(precision, thresholds)
     max_abs, max_rel = 0.0, 0.0
     ours, theirs = _Agreement(), _Agreement()
-    rows = []
+    rows: list[dict] = []
     for i, (got, want) in enumerate(zip(tvm_outputs, ref_outputs)):
         if len(got) != len(want):
             raise TvmflowError(f"the build returns {len(got)} outputs but the reference returns {len(want)}")

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.errors import TvmflowError
+from tasks.errors import TvmflowError, Unreachable
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,16 @@ class Fetched:
     path: Path
     sha256: str
     size: int
+
+
+CONNECTION_ERRORS = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ServerTimeoutError")
+
+
+def is_connection_error(err: BaseException) -> bool:
+    """A refused / timed-out connection (worth a retry later), not a missing or unreadable file."""
+    return isinstance(err, (ConnectionError, TimeoutError)) or any(
+        cls.__name__ in CONNECTION_ERRORS for cls in type(err).__mro__
+    )
 
 
 def read_bytes(uri: str) -> bytes:
@@ -28,8 +38,12 @@ def read_bytes(uri: str) -> bytes:
         raise TvmflowError(f"{uri} does not exist; check the path or URI") from None
     except PermissionError as err:
         raise TvmflowError(f"access to {uri} was denied ({err}); check the credentials") from None
-    except (OSError, ValueError, ImportError) as err:
-        raise TvmflowError(f"cannot read {uri}: {err.__class__.__name__}: {err}") from None
+    except Exception as err:
+        if is_connection_error(err):
+            raise Unreachable(f"cannot reach {uri}: {err.__class__.__name__}: {err}; check the network") from None
+        if isinstance(err, (OSError, ValueError, ImportError)):
+            raise TvmflowError(f"cannot read {uri}: {err.__class__.__name__}: {err}") from None
+        raise
 
 
 def fetch(uri: str, dest_dir: str | os.PathLike) -> Fetched:

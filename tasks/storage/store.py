@@ -14,7 +14,7 @@ import re
 import threading
 import uuid
 
-from tasks.errors import TvmflowError
+from tasks.errors import TvmflowError, Unreachable
 
 # scheme://user:secret@host -> scheme://***@host ; ?secret=...&token=... -> ***
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)[^@\s'\"]+@")
@@ -115,7 +115,7 @@ def store_error(err: BaseException, store: str, action: str = "accessing") -> Tv
         or "could not connect" in low
         or "connection refused" in low
     ):
-        return TvmflowError(
+        return Unreachable(
             f"{action} {where} failed: cannot reach the S3 endpoint ({text}); check AWS_ENDPOINT_URL and the network"
         )
     return TvmflowError(f"{action} {where} failed ({name}: {text}); check the store URI and credentials")
