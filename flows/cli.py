@@ -44,6 +44,30 @@ def _precision_options(args) -> dict | None:
     }
 
 
+GATE_HELP = "validation gate overrides, e.g. top1_agreement=0.95,max_rel_err=0.01"
+
+
+def parse_gate(text: str) -> dict[str, float]:
+    """--gate top1_agreement=0.95,max_rel_err=0.01 -> {key: float}; keys: tasks.devices.validate.GATE_KEYS."""
+    from tasks.devices.validate import GATE_KEYS
+
+    gate: dict[str, float] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if key not in GATE_KEYS or not sep:
+            raise TvmflowError(
+                f"--gate: unknown threshold {key!r}; use KEY=VALUE with KEY one of {', '.join(GATE_KEYS)}"
+            )
+        try:
+            gate[key] = float(value)
+        except ValueError:
+            raise TvmflowError(f"--gate: {key}={value!r} is not a number; e.g. {key}=0.95") from None
+    return gate
+
+
 def _compile(args) -> int:
     from flows.compile import compile_flow
     from tasks.records import BuildReport
@@ -65,6 +89,9 @@ def _compile(args) -> int:
             worker_timeout=args.worker_timeout,
             dask_address=args.dask,
             refresh=args.refresh,
+            gate=parse_gate(args.gate) if args.gate else None,
+            batch=args.batch,
+            build_only=args.build_only,
         )
     )
     val = report.validation
@@ -89,11 +116,19 @@ def _compile(args) -> int:
     lines = [
         "",
         f"Build:      {report.build_uri}",
-        f"Latency:    tuned {report.latency_ms:.3f} ms (p90 {report.latency_p90_ms:.3f})"
-        + (f", untuned {report.untuned_latency_ms:.3f} ms" if report.untuned_latency_ms else ""),
+        (
+            f"Latency:    tuned {report.latency_ms:.3f} ms (p90 {report.latency_p90_ms or 0:.3f})"
+            + (f", untuned {report.untuned_latency_ms:.3f} ms" if report.untuned_latency_ms else "")
+            if report.latency_ms is not None
+            else "Latency:    not measured (build-only)"
+        ),
         "Baselines:  " + ", ".join(f"{k} {v:.3f} ms" for k, v in report.baselines.items()),
-        f"Validation: {'passed' if val.passed else 'FAILED'} on {val.samples} samples ({report.precision}), "
-        f"max rel err {val.max_rel_err:.2e}, top-1 agreement {val.top1_agreement}",
+        (
+            f"Validation: {'passed' if val.passed else 'FAILED'} on {val.samples} samples ({report.precision}), "
+            f"max rel err {val.max_rel_err:.2e}, top-1 agreement {val.top1_agreement}"
+            if val.passed is not None
+            else f"Validation: not run ({val.reason}); never LATEST, fetch with --allow-unvalidated"
+        ),
         f"Tuning:     {report.tasks} tasks, {report.trials} new trials, "
         f"{len(report.untuned_tasks)} untuned; cache hits: {', '.join(report.cache_hits) or 'none'}",
     ]
@@ -137,6 +172,7 @@ def _retune(args) -> int:
             worker_timeout=args.worker_timeout,
             precision_options=options,
             refresh=args.refresh,
+            gate=parse_gate(args.gate) if args.gate else None,
         )
         code = 0
     except TvmflowError as err:
@@ -329,6 +365,15 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--dask", default=None, metavar="HOST:PORT", help="run the tuning fan-out on this Dask scheduler")
     comp.add_argument("--json", action="store_true", help="print one JSON summary as the last stdout line")
     comp.add_argument("--refresh", action="store_true", help="ignore cached stage outputs: import, tune, build again")
+    comp.add_argument(
+        "--build-only",
+        action="store_true",
+        help="no device: build untuned, publish unvalidated (never LATEST; fetch --allow-unvalidated)",
+    )
+    comp.add_argument("--gate", default=None, metavar="KEY=VALUE,...", help=GATE_HELP)
+    comp.add_argument(
+        "--batch", type=int, default=None, metavar="N", help="fix the model's dynamic batch dimension (default 1)"
+    )
     comp.set_defaults(func=_compile)
     ret = sub.add_parser(
         "retune", help="retune now: more trials on top of LATEST, publish only if validated and no slower"
@@ -356,6 +401,7 @@ def parser() -> argparse.ArgumentParser:
     ret.add_argument("--worker-timeout", type=float, default=60.0, help="seconds to wait for a free device worker")
     ret.add_argument("--dask", default=None, metavar="HOST:PORT", help="run the tuning fan-out on this Dask scheduler")
     ret.add_argument("--refresh", action="store_true", help="ignore cached stage outputs")
+    ret.add_argument("--gate", default=None, metavar="KEY=VALUE,...", help=GATE_HELP)
     ret.add_argument("--json", action="store_true", help="print the outcomes as JSON on the last stdout line")
     ret.set_defaults(func=_retune)
     fetch = sub.add_parser("fetch", help="download a build, every file verified against its manifest")

@@ -15,14 +15,16 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import stages
-from tasks import progress, retune
+from tasks import events, progress, retune
 from tasks.devices.profiles import DeviceProfile
 from tasks.devices.session import DeviceSession
+from tasks.devices.validate import gate_thresholds
 from tasks.importers.datasets import load_dataset
 from tasks.importers.model_import import parse_input_spec
 from tasks.precision.stage import PrecisionOptions
 from tasks.runlog import run_logger
 from tasks.storage import cache
+from tasks.storage.store import clean_uri
 
 check_parameters = task(retune.check_parameters, name="check-parameters", cache_policy=NO_CACHE)
 
@@ -36,6 +38,7 @@ def retune_model(
     precision: str | None,
     precision_options: dict | None,
     refresh: bool = False,
+    gate: dict | None = None,
 ) -> retune.Outcome:
     """Retune, rebuild, validate, compare and maybe publish one model; never raises.
 
@@ -46,12 +49,26 @@ def retune_model(
     try:
         with cache.run_dir("retune-") as work_dir:
             _retune(
-                entry, session, store, budget, dask_address, precision, precision_options, refresh, work_dir, outcome
+                entry,
+                session,
+                store,
+                budget,
+                dask_address,
+                precision,
+                precision_options,
+                refresh,
+                work_dir,
+                outcome,
+                gate,
             )
     except Exception as err:  # noqa: BLE001 - one model's failure must not stop the others
         outcome.status, outcome.reason = "failed", retune.failure_reason(err)
         outcome.failure = retune.failure_kind(err)
     run_logger().info(f"{entry.name} on {profile.name}: {outcome.status}: {outcome.reason}")
+    if outcome.status == "failed":
+        events.emit_retune_failed(
+            entry.name, profile.name, outcome.reason, latency_ms=outcome.new_ms, failure=outcome.failure
+        )
     return outcome
 
 
@@ -66,6 +83,7 @@ def _retune(
     refresh,
     work_dir: Path,
     outcome: retune.Outcome,
+    gate: dict | None = None,
 ) -> None:
     started = time.monotonic()
     profile = session.profile
@@ -89,7 +107,10 @@ def _retune(
         t.trials for t in tuning_plan.tuned
     )
     if latest_same_precision and not tuning_plan.tuned and not refresh:
-        outcome.status, outcome.reason = "kept", f"no extra budget: nothing tuned; LATEST {latest_same_precision.build_id} is current"
+        outcome.status, outcome.reason = (
+            "kept",
+            f"no extra budget: nothing tuned; LATEST {latest_same_precision.build_id} is current",
+        )
         return
     latest_db = latest_same_precision.folder if latest_same_precision else None
     tuning = stages.tune(
@@ -111,9 +132,12 @@ def _retune(
         and retune.same_database(built.db_dir, latest_same_precision)
         and not refresh
     ):
-        outcome.status, outcome.reason = "kept", f"tuning found nothing better; LATEST {latest_same_precision.build_id} is current"
+        outcome.status, outcome.reason = (
+            "kept",
+            f"tuning found nothing better; LATEST {latest_same_precision.build_id} is current",
+        )
         return
-    run, validation, framework_ms = stages.validate(built, prepared, dataset, session)
+    run, validation, framework_ms = stages.validate(built, prepared, dataset, session, gate)
     outcome.validation = validation.to_json()
     outcome.new_ms = run.median_ms
     names, sample = prepared.input_names, [dataset.sample(0)]
@@ -122,6 +146,16 @@ def _retune(
         outcome.new_ms = session.measure(built.library, sample, names).median_ms
     publish, outcome.reason = retune.decide(validation.passed, validation.reason, outcome.new_ms, outcome.latest_ms)
     if not publish:
+        if validation.passed and latest and outcome.latest_ms is not None:  # validated but slower than LATEST
+            events.emit_regressed(
+                source.name,
+                profile.name,
+                outcome.new_ms,
+                outcome.latest_ms,
+                build_id=latest.build_id,
+                precision=prepared.precision,
+                reason=outcome.reason,
+            )
         outcome.status = "kept" if latest else "failed"
         if not latest:
             outcome.reason = outcome.reason.replace("; kept LATEST", "; nothing published")
@@ -154,6 +188,16 @@ def _retune(
     report.wall_seconds = round(time.monotonic() - started, 1)
     report = stages.publish(store, report, built, work_dir)
     outcome.status, outcome.build_id, outcome.build_uri = "published", report.build_id, report.build_uri
+    events.emit_published(
+        report.model,
+        report.device,
+        report.latency_ms,
+        build_id=report.build_id,
+        precision=report.precision,
+        store=clean_uri(store),
+        previous_ms=outcome.latest_ms,
+        previous_build=outcome.latest_build,
+    )
 
 
 @flow(name="tvmflow-retune", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
@@ -168,15 +212,18 @@ def retune_flow(
     worker_timeout: float = 60.0,
     precision_options: dict | None = None,
     refresh: bool = False,
+    gate: dict | None = None,
 ) -> list[dict]:
     """Retune every model (default: the device's `models` in the fleet file) with `budget` more trials each.
 
-    `precision` None: each entry's own `precision`, else its LATEST's, else fp32."""
+    `precision` None: each entry's own `precision`, else its LATEST's, else fp32. `gate`: overrides
+    of the validation thresholds (tasks.devices.validate.GATE_KEYS)."""
     profile, entries = check_parameters(device, models, budget, store, precision)
+    gate_thresholds("fp32", gate)  # a bad gate key fails now (its values apply to every precision)
     with DeviceSession(profile, tracker, worker_timeout, str(cache.cache_root() / "logs")) as session:
         # device workers start on first use: a model with nothing to tune never waits for them
         outcomes = [
-            retune_model(entry, session, store, int(budget), dask_address, precision, precision_options, refresh)
+            retune_model(entry, session, store, int(budget), dask_address, precision, precision_options, refresh, gate)
             for entry in entries
         ]
     key = "".join(c if c.isalnum() else "-" for c in f"retune-{device}").lower()

@@ -3,6 +3,10 @@
     fetch -> import -> precision -> extract-tasks -> shared-tuning -> tune-* (fan-out) ->
     pick-best -> save-tuning -> build -> validate -> publish
 
+Stages that wait on a device or the store retry transient failures with backoff and time out
+(tasks.retry_policy: DEVICE for validate / untuned-latency, STORE for fetch / shared-tuning /
+save-tuning / publish); a user error or failed gate is never retried.
+
 Each task wraps a plain function of tasks/ (tasks.pipeline, tasks.tuning.shared_db,
 tasks.storage.publish); the flows only decide what to run. Caching is tasks.storage.cache's
 (content keys; see its docstring for why not Prefect's), so every task runs with NO_CACHE.
@@ -19,8 +23,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flows.fanout import tune_fanout
-from tasks import pipeline, progress
+from tasks import pipeline, progress, retry_policy
 from tasks.devices.session import DeviceSession
+from tasks.devices.validate import Validation
 from tasks.records import (
     Build,
     BuildReport,
@@ -35,26 +40,28 @@ from tasks.tuning import shared_db
 from tasks.tuning.pick_best import has_db, merge_databases
 
 
-def _stage(fn, name: str):
-    """`fn` as a Prefect task named `name` that first reports the stage (tasks.progress)."""
+def _stage(fn, name: str, **options):
+    """`fn` as a Prefect task named `name` that first reports the stage (tasks.progress);
+    `options`: more Prefect task options (retries, timeout: tasks.retry_policy)."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
         progress.update(stage=name)
         return fn(*args, **kwargs)
 
-    return task(run, name=name, cache_policy=NO_CACHE)
+    return task(run, name=name, cache_policy=NO_CACHE, **options)
 
 
-fetch = _stage(pipeline.fetch_model, "fetch")
+fetch = _stage(pipeline.fetch_model, "fetch", **retry_policy.STORE)
 import_model = _stage(pipeline.import_stage, "import")
 precision = _stage(pipeline.precision_stage, "precision")
 plan = _stage(pipeline.plan_tuning, "extract-tasks")
-shared_tuning = _stage(shared_db.prepare, "shared-tuning")
-save_tuning = _stage(shared_db.push_run, "save-tuning")
+shared_tuning = _stage(shared_db.prepare, "shared-tuning", **retry_policy.STORE)
+save_tuning = _stage(shared_db.push_run, "save-tuning", **retry_policy.STORE)
 pick_best = _stage(pipeline.pick_best, "pick-best")
 build = _stage(pipeline.build, "build")
-validate = _stage(pipeline.validate, "validate")
+validate = _stage(pipeline.validate, "validate", **retry_policy.DEVICE)
+untuned_latency = _stage(pipeline.untuned_latency, "untuned-latency", **retry_policy.DEVICE)
 
 
 def tune(
@@ -150,11 +157,45 @@ def make_report(
         tuning_reuse=tuning.reuse,
         precision_info=prepared.precision_info,
         operator_choices=list(built.choices),
+        import_notes=list(prepared.notes),
         **extra,
     )
 
 
-@task(name="publish", cache_policy=NO_CACHE)
+BUILD_ONLY_REASON = "build-only: no reachable worker"
+
+
+def build_only_report(prepared: PreparedModel, profile, built: Build, data: str) -> BuildReport:
+    """The BuildReport of a build made without a device: untuned, unvalidated, no latency."""
+    source = prepared.source
+    return BuildReport(
+        model=source.name,
+        model_sha256=source.sha256,
+        device=profile.name,
+        target=profile.target,
+        tvm_version=tvm.__version__,
+        tvmflow_version=tvmflow_version(),
+        precision=prepared.precision,
+        framework=source.framework,
+        inputs=[str(s) for s in prepared.specs],
+        data=data,
+        tasks=0,
+        trials=0,
+        tuning=[],
+        untuned_tasks=[],
+        records=0,
+        latency_ms=None,
+        latency_p90_ms=None,
+        validation=Validation.not_run(prepared.precision, BUILD_ONLY_REASON),
+        cache_hits=list(prepared.cache_hits) + (["build"] if built.cached else []),
+        precision_info=prepared.precision_info,
+        operator_choices=list(built.choices),
+        import_notes=list(prepared.notes),
+        build_only=True,
+    )
+
+
+@task(name="publish", cache_policy=NO_CACHE, **retry_policy.STORE)
 def publish(store: str, report: BuildReport, built: Build, work_dir: Path) -> BuildReport:
     """Upload library, tuning database and report; manifest and LATEST last (tasks.storage.publish)."""
     progress.update(stage="publish")

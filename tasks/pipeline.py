@@ -18,6 +18,7 @@ from tasks.devices.profiles import DeviceProfile
 from tasks.devices.session import DeviceAddress, DeviceSession
 from tasks.devices.validate import DeviceRun, Validation, compare
 from tasks.errors import GateFailed
+from tasks.importers.class_names import names_for
 from tasks.importers.model_import import (
     InputSpec,
     detect_format,
@@ -73,33 +74,48 @@ def fetch_model(spec: str, inputs: list[InputSpec] | None = None) -> ModelSource
 
 
 def import_prepared(
-    source: ModelSource, device: DeviceProfile, inputs: list[InputSpec] | None = None, refresh: bool = False
+    source: ModelSource,
+    device: DeviceProfile,
+    inputs: list[InputSpec] | None = None,
+    refresh: bool = False,
+    batch: int | None = None,
 ):
-    """(prepared IRModule, input specs, cache key, cache hit?) of the model as imported (fp32 or QDQ)."""
-    key = cache.stage_key("import", device.target_key(), source.sha256, [str(s) for s in inputs or []])
+    """(prepared IRModule, input specs, cache key, cache hit?, importer notes) of the model as
+    imported (fp32 or QDQ), its dynamic batch dimension fixed to `batch` (None: 1)."""
+    key = cache.stage_key("import", device.target_key(), source.sha256, [str(s) for s in inputs or []], batch)
     hit = cache.lookup("import", key, refresh)
     if hit:
         specs = [
             InputSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in json.loads((hit / "inputs.json").read_text())
         ]
-        return tvm.ir.load_json((hit / "prepared.json").read_text()), specs, key, True
-    imported = import_model(source.path, inputs)
+        notes = json.loads((hit / "notes.json").read_text()) if (hit / "notes.json").exists() else []
+        return tvm.ir.load_json((hit / "prepared.json").read_text()), specs, key, True, notes
+    imported = import_model(source.path, inputs, batch=batch)
     prepared = prepare_for_tuning(imported.mod, device.tvm_target())
     with cache.CacheEntry("import", key) as entry:
         (entry.path / "prepared.json").write_text(tvm.ir.save_json(prepared))
         (entry.path / "inputs.json").write_text(json.dumps([s.__dict__ for s in imported.inputs]))
+        (entry.path / "notes.json").write_text(json.dumps(list(imported.notes)))
         entry.commit()
-    return prepared, imported.inputs, key, False
+    return prepared, imported.inputs, key, False, list(imported.notes)
 
 
 def import_stage(
-    source: ModelSource, device: DeviceProfile, inputs: list[InputSpec] | None, precision: str, refresh: bool = False
+    source: ModelSource,
+    device: DeviceProfile,
+    inputs: list[InputSpec] | None,
+    precision: str,
+    refresh: bool = False,
+    batch: int | None = None,
 ) -> PreparedModel:
     """The model imported and lowered as it comes (fp32, or int8 for a QDQ model); `precision`
-    is the one asked for: a pre-quantized model turns it into int8 (tasks/precision/qdq.py)."""
+    is the one asked for: a pre-quantized model turns it into int8 (tasks/precision/qdq.py).
+    `batch` fixes a dynamic batch dimension (None: 1)."""
     inputs = list(inputs or [])
-    mod, specs, key, hit = import_prepared(source, device, inputs, refresh)
-    prepared = PreparedModel(source, mod, specs, key, precision, inputs, cache_hits=["import"] if hit else [])
+    mod, specs, key, hit, notes = import_prepared(source, device, inputs, refresh, batch)
+    prepared = PreparedModel(
+        source, mod, specs, key, precision, inputs, cache_hits=["import"] if hit else [], batch=batch, notes=notes
+    )
     prequantized = prequantized_info(mod)
     prepared.precision = effective_precision(precision, prequantized)
     if prequantized:
@@ -126,6 +142,7 @@ def precision_stage(
         prepared.precision,
         options or PrecisionOptions(),
         refresh,
+        batch=prepared.batch,
     )
     return replace(
         prepared,
@@ -242,15 +259,26 @@ def build(
 
 
 def validate(
-    build_: Build, prepared: PreparedModel, dataset, session: DeviceSession
+    build_: Build, prepared: PreparedModel, dataset, session: DeviceSession, thresholds: dict | None = None
 ) -> tuple[DeviceRun, Validation, float]:
-    """(device run, Validation, framework latency): outputs on the device vs the source framework."""
+    """(device run, Validation, framework latency): outputs on the device vs the source framework,
+    judged by the precision's gate with `thresholds` overrides (--gate)."""
     names = prepared.input_names
     samples = [dataset.sample(i) for i in range(len(dataset))]
     run = session.measure(build_.library, samples, names)
     source = prepared.source
     reference = Reference(source.path, source.framework, names)
-    validation = compare(run.outputs, [reference.run(s) for s in samples], prepared.precision, dataset.labels)
+    first = run.outputs[0][0] if run.outputs and len(run.outputs[0]) else None
+    classes = int(first.shape[-1]) if first is not None and getattr(first, "ndim", 0) >= 1 else 0
+    validation = compare(
+        run.outputs,
+        [reference.run(s) for s in samples],
+        prepared.precision,
+        dataset.labels,
+        thresholds=thresholds,
+        class_names=names_for(classes, getattr(dataset, "class_names", None) or None) if classes else None,
+        files=list(getattr(dataset, "files", None) or []) or None,
+    )
     return run, validation, reference.latency_ms(samples[0])
 
 

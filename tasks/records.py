@@ -49,6 +49,8 @@ class PreparedModel:
     precision_info: dict | None = None  # calibration, plan, converted layers, or the QDQ summary
     converted: Any = None  # the converted module before lowering (per-layer error on a failed gate)
     cache_hits: list[str] = field(default_factory=list)  # "import", "precision"
+    batch: int | None = None  # --batch: the dynamic batch dimension fixed at import (None: 1)
+    notes: list[str] = field(default_factory=list)  # what the importer changed (batch, folding)
 
     @property
     def input_names(self) -> list[str]:
@@ -144,7 +146,7 @@ class BuildReport:
     tuning: list[TaskResult]
     untuned_tasks: list[str]
     records: int
-    latency_ms: float
+    latency_ms: float | None  # None: build-only (never run)
     latency_p90_ms: float | None
     validation: Validation
     tvmflow_version: str = ""
@@ -165,6 +167,8 @@ class BuildReport:
     build_uri: str | None = None
     manifest_uri: str | None = None
     wall_seconds: float | None = None
+    import_notes: list[str] = field(default_factory=list)  # what the importer changed (batch, folding)
+    build_only: bool = False  # built without a device: not tuned, not validated, never LATEST
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -207,4 +211,10 @@ class BuildReport:
         if self.retune is not None:
             meta["retune"] = self.retune
         meta["timings"] = {"tuning_seconds": self.tuning_seconds, "wall_seconds": self.wall_seconds}
+        if self.build_only:  # tasks.storage.publish never moves LATEST to it; fetch needs --allow-unvalidated
+            meta.update(
+                build_only=True,
+                validation={"passed": None, "reason": self.validation.reason},
+                latency_ms=None,
+            )
         return meta

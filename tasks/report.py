@@ -61,7 +61,8 @@ def markdown(report: BuildReport) -> str:
         f"- build: `{report.build_uri or '(not published)'}`",
         f"- precision: {report.precision}{_prequantized(report)}, TVM {report.tvm_version}, "
         f"tvmflow {report.tvmflow_version or '?'}, target `{report.target}`",
-        f"- validation: **{'passed' if val.passed else 'FAILED'}** on {val.samples} samples "
+        f"- validation: **{'passed' if val.passed else 'not run' if val.passed is None else 'FAILED'}** "
+        f"on {val.samples} samples "
         f"(max abs err {val.max_abs_err:.2e}, max rel err {val.max_rel_err:.2e}, "
         f"top-1 agreement {_fmt(val.top1_agreement)}, accuracy {_fmt(val.accuracy)})"
         + (f": {val.reason}" if val.reason else ""),
@@ -78,6 +79,7 @@ def markdown(report: BuildReport) -> str:
             else []
         ),
         *([f"- retune: {report.retune.get('decision')}", ""] if report.retune else []),
+        *([f"- import: {'; '.join(report.import_notes)}", ""] if report.import_notes else []),
         "## Latency (batch as compiled, median over repeats)",
         "",
         "| path | median ms | p90 ms |",

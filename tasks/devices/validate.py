@@ -125,7 +125,7 @@ def run_on_device(
 
 @dataclass
 class Validation:
-    passed: bool
+    passed: bool | None  # None: not run (a build-only build)
     precision: str
     samples: int
     max_abs_err: float
@@ -146,6 +146,11 @@ class Validation:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def not_run(cls, precision: str, reason: str) -> Validation:
+        """The validation of a build that was never run on a device (build-only)."""
+        return cls(None, precision, 0, 0.0, 0.0, None, {}, reason=reason)
 
 
 def _max_diff(got: np.ndarray, want: np.ndarray) -> float:

@@ -73,9 +73,17 @@ def convert_model(mod, specs, precision: str, opts: PrecisionOptions, target="ll
 
 
 def lower_precision(
-    source, device, specs_in, specs, precision: str, opts: PrecisionOptions, refresh: bool = False
+    source,
+    device,
+    specs_in,
+    specs,
+    precision: str,
+    opts: PrecisionOptions,
+    refresh: bool = False,
+    batch: int | None = None,
 ) -> PrecisionResult:
-    """`source` is a tasks.records.ModelSource (path, sha256); `refresh` ignores the cache."""
+    """`source` is a tasks.records.ModelSource (path, sha256); `refresh` ignores the cache;
+    `batch` fixes a dynamic batch dimension as the import stage did."""
     import tvm
 
     from tasks.importers.model_import import import_model
@@ -96,6 +104,7 @@ def lower_precision(
         precision,
         json.dumps(opts.to_json(), sort_keys=True),
         data_key,
+        batch,
     )
     hit = cache.lookup("precision", key, refresh)
     if hit:
@@ -106,7 +115,7 @@ def lower_precision(
             tvm.ir.load_json((hit / "converted.json").read_text()),
             True,
         )
-    imported = import_model(source.path, specs_in)
+    imported = import_model(source.path, specs_in, batch=batch)
     if precision == "int8" and opts.reduce_range is None:
         from dataclasses import replace
 
