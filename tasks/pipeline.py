@@ -241,21 +241,50 @@ def pick_best(sources: list[str | Path], out_dir: Path, device: DeviceProfile | 
     return out_dir, count
 
 
+def gpu_build_here(device: DeviceProfile) -> bool:
+    """A CUDA device profile on a host with a GPU: the build picks per operator between cuDNN /
+    cuBLAS and TVM's kernels by timing them (tasks.build.gpu.compile_gpu); elsewhere, today's build."""
+    return device.tvm_target().kind.name == "cuda" and bool(tvm.cuda(0).exist)
+
+
 def build(
     prepared: PreparedModel, device: DeviceProfile, db_dir: Path | None, records: int = 0, refresh: bool = False
 ) -> Build:
-    """The exported library for this module + database + target, cached by their content."""
-    from tasks.build.compile import build_library
+    """The exported library for this module + database + target, cached by their content
+    (with the per-operator backend choices of a GPU build, choices.json)."""
+    from tasks.build.candidates import OperatorChoice
+    from tasks.build.compile import build_library, export_library
 
     digest = db_digest(db_dir) if records else None
-    key = cache.stage_key("build", device.target_key(), prepared.key, digest or "untuned", device.cross_compiler)
+    gpu = gpu_build_here(device)
+    parts = [prepared.key, digest or "untuned", device.cross_compiler] + (["gpu-pick-best"] if gpu else [])
+    key = cache.stage_key("build", device.target_key(), *parts)
     hit = cache.lookup("build", key, refresh)
     if hit:
-        return Build(hit / "model.so", db_dir, records, cached=True)
+        saved = json.loads((hit / "choices.json").read_text()) if (hit / "choices.json").exists() else []
+        return Build(
+            hit / "model.so", db_dir, records, cached=True, choices=[OperatorChoice.from_json(c) for c in saved]
+        )
+    choices: list[OperatorChoice] = []
     with cache.CacheEntry("build", key) as entry:
-        build_library(prepared.mod, device, db_dir if digest else None, entry.path / "model.so")
+        if gpu:
+            from tasks.build.gpu import compile_gpu
+
+            executable, choices = compile_gpu(
+                prepared.mod,
+                device,
+                db_dir if digest else None,
+                use_cuda_graph=True,
+                vendor=("cudnn", "cublas"),
+                dev=tvm.cuda(0),
+                log=run_logger().info,
+            )
+            export_library(executable, device, entry.path / "model.so")
+            (entry.path / "choices.json").write_text(json.dumps([c.to_json() for c in choices]))
+        else:
+            build_library(prepared.mod, device, db_dir if digest else None, entry.path / "model.so")
         final = entry.commit()
-    return Build(final / "model.so", db_dir, records, cached=False)
+    return Build(final / "model.so", db_dir, records, cached=False, choices=list(choices))
 
 
 def validate(
