@@ -16,7 +16,7 @@ import tvm
 
 from tasks.devices.profiles import DeviceProfile
 from tasks.devices.session import DeviceAddress, DeviceSession
-from tasks.devices.validate import DeviceRun, Validation, compare
+from tasks.devices.validate import DeviceRun, Validation, compare, onnxruntime_int8_outputs
 from tasks.errors import GateFailed
 from tasks.importers.class_names import names_for
 from tasks.importers.model_import import (
@@ -307,8 +307,35 @@ def validate(
         thresholds=thresholds,
         class_names=names_for(classes, getattr(dataset, "class_names", None) or None) if classes else None,
         files=list(getattr(dataset, "files", None) or []) or None,
+        baseline_outputs=framework_int8_outputs(prepared, samples),
     )
     return run, validation, reference.latency_ms(samples[0])
+
+
+def framework_int8_outputs(prepared: PreparedModel, samples: list[dict]) -> list | None:
+    """For an ONNX model that tvmflow quantized: onnxruntime's own int8 (QDQ) of it, calibrated on the
+    same samples, run on the validation samples. The gate passes a build at least as faithful as it.
+    None where there is no such reference (other frameworks, pre-quantized models, no calibration URI)."""
+    import tempfile
+
+    calibration = (prepared.precision_info or {}).get("calibration") or {}
+    source = prepared.source
+    if prepared.precision != "int8" or source.framework != "onnx" or not calibration.get("uri"):
+        return None
+    from tasks.precision.calibrate import load_calibration
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="tvmflow-ort-int8-") as work:
+            return onnxruntime_int8_outputs(
+                source.path,
+                load_calibration(calibration["uri"], prepared.specs),
+                samples,
+                prepared.input_names,
+                work,
+            )
+    except Exception as err:  # noqa: BLE001 - a reference that cannot run is reported, not fatal
+        run_logger().warning(f"onnxruntime int8 baseline unavailable: {str(err).splitlines()[0][:200]}")
+        return None
 
 
 def untuned_latency(prepared: PreparedModel, session: DeviceSession, dataset, refresh: bool = False) -> float:

@@ -67,7 +67,12 @@ def convert_model(mod, specs, precision: str, opts: PrecisionOptions, target="ll
     ranges = calibrate(mod, dataset, opts.method, opts.percentile, target)
     qmod, plan = quantize_model(mod, ranges, QuantConfig(opts.method, opts.percentile, keep, bool(opts.reduce_range)))
     return qmod, {
-        "calibration": {"source": dataset.source, "samples": len(dataset), "method": opts.method},
+        "calibration": {
+            "source": dataset.source,
+            "uri": opts.calibration,
+            "samples": len(dataset),
+            "method": opts.method,
+        },
         **plan.to_json(),
     }
 

@@ -35,7 +35,7 @@ SCHEMA: dict[str, int] = {
     # import 1: fixpoint fusion, 2: QDQ models imported as real int8 (tasks/precision/qdq.py),
     # 4: prepare_for_tuning folds batch norm; ONNX import folds shape arithmetic, fixes the dynamic batch
     "import": 4,
-    "precision": 3,  # 3: the same import and batch-norm folding (it imports on its own)
+    "precision": 4,  # 3: the same import and batch-norm folding (it imports on its own); 4: calibration URI in info
     # build, untuned-latency: keyed by the prepared model's import / precision key, so they miss with them
     "tune": 2,
     "build": 2,

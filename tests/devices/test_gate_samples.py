@@ -95,3 +95,24 @@ def test_onnxruntime_int8_baseline_on_a_real_onnx_model(mnist_onnx, tmp_path):
     assert len(int8) == 20 and not np.array_equal(int8[0][0], ref[0][0])  # really quantized
     val = compare(ref, ref, "int8", data.labels, baseline_outputs=int8)
     assert val.passed and val.baseline["top1_agreement"] >= 0.9 and val.baseline["accuracy"] >= 0.9
+
+
+def test_validate_stage_measures_onnxruntime_int8_for_a_quantized_onnx_model(mnist_onnx):
+    """The validate stage's baseline: only for ONNX models tvmflow quantized itself (calibration URI
+    known), calibrated on the same samples; none for fp32 or for a model without that URI."""
+    from tasks.importers.datasets import load_dataset
+    from tasks.importers.model_import import import_onnx
+    from tasks.pipeline import framework_int8_outputs
+    from tasks.records import ModelSource, PreparedModel
+
+    specs = import_onnx(mnist_onnx).inputs
+    data = load_dataset("bundled:mnist:8:2000", specs)
+    samples = [data.sample(i) for i in range(len(data))]
+    source = ModelSource("mnist", mnist_onnx, "0" * 64, "onnx")
+    info = {"calibration": {"uri": "bundled:mnist:32:0", "samples": 32}}
+    quantized = PreparedModel(source, None, specs, "k", precision="int8", precision_info=info)
+    outs = framework_int8_outputs(quantized, samples)
+    assert outs is not None and len(outs) == 8 and outs[0][0].shape[-1] == 10
+    assert framework_int8_outputs(PreparedModel(source, None, specs, "k", precision="fp32"), samples) is None
+    no_uri = PreparedModel(source, None, specs, "k", precision="int8", precision_info={"calibration": {}})
+    assert framework_int8_outputs(no_uri, samples) is None
