@@ -113,7 +113,9 @@ def compile_flow(
             baselines=pipeline.baselines(source, dataset.sample(0), framework_ms, work_dir),
         )
         if not validation.passed:  # nothing published; the report is kept outside the run's folder
-            raise pipeline.gate_failure(report, prepared, dataset)
+            failure = pipeline.gate_failure(report, prepared, dataset)
+            publish_artifacts(report)  # and stays with the run: its per-layer error table as an artifact
+            raise failure
         report.wall_seconds = round(time.monotonic() - started, 1)
         report = stages.publish(store, report, built, work_dir)
     return _published(report, store)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tasks.build.candidates import choices_table
 from tasks.records import BuildReport, TaskResult
+from tasks.tuning_curve import curve_points, write_tuning_curve
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -112,10 +113,15 @@ def markdown(report: BuildReport) -> str:
 
 
 def write_report_files(report: BuildReport, folder: Path) -> dict[str, Path]:
+    """report.json, report.md and, when a task was searched in this run, tuning_curve.png."""
     folder.mkdir(parents=True, exist_ok=True)
+    files = {"report.json": folder / "report.json", "report.md": folder / "report.md"}
+    curve = write_tuning_curve(report.tuning, folder / "tuning_curve.png", f"{report.model} on {report.device}")
+    if curve is not None:
+        files["tuning_curve.png"] = curve
     (folder / "report.json").write_text(json.dumps(report.to_json(), indent=2, sort_keys=True, default=str))
-    (folder / "report.md").write_text(markdown(report))
-    return {"report.json": folder / "report.json", "report.md": folder / "report.md"}
+    (folder / "report.md").write_text(markdown(report) + ("\n![tuning curve](tuning_curve.png)\n" if curve else ""))
+    return files
 
 
 def publish_artifacts(report: BuildReport) -> None:
@@ -123,6 +129,9 @@ def publish_artifacts(report: BuildReport) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     key = "".join(c if c.isalnum() else "-" for c in f"{report.model}-{report.device}").lower()
-    create_markdown_artifact(markdown=markdown(report), key=f"{key}-report", description="tvmflow build report")
+    text = markdown(report)
+    if report.build_uri and any(curve_points(t) for t in report.tuning):
+        text += f"\nTuning curve (best latency per task vs trials and vs time): {report.build_uri}/tuning_curve.png\n"
+    create_markdown_artifact(markdown=text, key=f"{key}-report", description="tvmflow build report")
     create_table_artifact(table=latency_rows(report), key=f"{key}-latency", description="latency (ms)")
     create_table_artifact(table=tuning_rows(report.tuning), key=f"{key}-tuning", description="tuning tasks")

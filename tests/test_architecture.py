@@ -12,7 +12,7 @@ Layers, lowest first; a module may import its own layer or lower ones, never a h
                                                     build, build needs the tuning database ...),
                                                     so only the module-level no-cycle rule binds them
   3  tasks.records                                  typed records between stages (compose the domain's)
-  4  tasks.report                                   report.json / report.md / UI artifacts of a BuildReport
+  4  tasks.report, tasks.tuning_curve               report.json / report.md / tuning_curve.png / UI artifacts
   5  tasks.pipeline, tasks.retune                   the stages' plain logic and retune's decisions
   6  flows.fanout, flows.progress                   Prefect task runners, terminal display
   7  flows.stages                                   the stages as Prefect tasks
@@ -45,6 +45,7 @@ LAYERS: dict[str, int] = {
     "tasks.devices": 2,
     "tasks.records": 3,
     "tasks.report": 4,
+    "tasks.tuning_curve": 4,
     "tasks.pipeline": 5,
     "tasks.retune": 5,
     "flows": 6,

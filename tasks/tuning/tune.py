@@ -34,7 +34,7 @@ class TuneResult:
     db_dir: str = ""
     error: str | None = None
     cached: bool = False
-    curve: list | None = None  # [(trials, best_ms)] after each measured round
+    curve: list | None = None  # [(trials, best_ms, seconds since the search began)] after each measured round
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -102,6 +102,8 @@ def measure_tools(
 def _progress_callback(result: TuneResult, label: str, report):
     """A MeasureCallback that logs trials and best latency after every measured round."""
     from tvm.ir.utils import derived_object
+
+    began = time.monotonic()
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
     @derived_object
@@ -117,7 +119,7 @@ def _progress_callback(result: TuneResult, label: str, report):
                 result.valid += 1
                 ms_ = 1000 * sum(secs) / len(secs)
                 result.best_ms = ms_ if result.best_ms is None else min(result.best_ms, ms_)
-            result.curve.append((result.trials_run, result.best_ms))
+            result.curve.append((result.trials_run, result.best_ms, round(time.monotonic() - began, 2)))
             if errors and result.valid == 0:
                 result.error = errors[0][:300]
             best = f"{result.best_ms:.4f} ms" if result.best_ms is not None else "none valid yet"
