@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -129,8 +130,7 @@ class Server:
         return self.post(f"/deployments/{dep['id']}/create_flow_run", body)["id"]
 
     def get(self, path: str):
-        with urllib.request.urlopen(f"{self.api}{path}", timeout=10) as resp:
-            return json.loads(resp.read())
+        return self._send(urllib.request.Request(f"{self.api}{path}"), timeout=10)
 
     def post(self, path: str, body: dict):
         req = urllib.request.Request(
@@ -139,8 +139,20 @@ class Server:
             method="POST",
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.loads(resp.read())
+        return self._send(req, timeout=30)
+
+    @staticmethod
+    def _send(req: urllib.request.Request, timeout: float, attempts: int = 6):
+        """The request's JSON reply. A 503 is the server's "retry me" (e.g. its SQLite database was
+        locked by a concurrent write; the transaction was rolled back): retried, as Prefect's own client does."""
+        for attempt in range(attempts):
+            try:
+                with urllib.request.urlopen(req, timeout=timeout) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as err:
+                if err.code != 503 or attempt == attempts - 1:
+                    raise
+                time.sleep(0.5 * 2**attempt)
 
     def deployment(self, flow_name: str, name: str) -> dict:
         return self.get(f"/deployments/name/{flow_name}/{name}")
