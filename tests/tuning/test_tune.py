@@ -47,7 +47,7 @@ def test_tune_one_task(tmp_path, conv_task, local_workers, prefect_harness):
     assert result.best_ms is not None and result.best_ms > 0
     assert len(_records(tmp_path / "work")) == 16
     assert lines and "16/16 trials" in lines[-1] and task.name in lines[-1]
-    assert result.curve[-1] == (16, result.best_ms)
+    assert result.curve[-1][:2] == (16, result.best_ms) and result.curve[-1][2] > 0  # trials, best ms, seconds
     assert (tmp_path / "work" / "result.json").exists()
 
 
