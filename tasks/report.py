@@ -67,6 +67,15 @@ def markdown(report: BuildReport) -> str:
         f"(max abs err {val.max_abs_err:.2e}, max rel err {val.max_rel_err:.2e}, "
         f"top-1 agreement {_fmt(val.top1_agreement)}, accuracy {_fmt(val.accuracy)})"
         + (f": {val.reason}" if val.reason else ""),
+        *(
+            [
+                f"- top-5 agreement {_fmt(val.top5_agreement)}; top-1 flips {val.flips} "
+                f"(the gate allows {val.allowed_flips} for {val.samples} samples)"
+            ]
+            if val.top5_agreement is not None
+            else []
+        ),
+        *([f"- framework int8 baseline on the same samples: {val.baseline}"] if val.baseline else []),
         f"- tuning: {report.tasks} tasks, {report.trials} trials run, "
         f"{report.tuning_seconds:.0f} s; cache hits: {', '.join(report.cache_hits) or 'none'}",
         "",
@@ -109,7 +118,25 @@ def markdown(report: BuildReport) -> str:
             f"| {r['layer']} | {r['rel_max_err']:.3e} | {r['snr_db']:.1f} | {r['cosine']:.5f} |"
             for r in report.per_layer_error
         ]
+    lines += top5_examples(val.examples)
     return "\n".join(lines) + "\n"
+
+
+def top5_examples(examples: list) -> list[str]:
+    """Markdown rows: per example image, the source framework's and the device's top-5 classes."""
+    if not examples:
+        return []
+
+    def classes(top) -> str:
+        return ", ".join(f"{c[0]} {c[1]} ({float(c[2]):.2f})" if len(c) > 2 else f"{c[0]} {c[1]}" for c in top or [])
+
+    rows = ["", "## Top-5 on the first samples (framework vs device)", "", "| sample | label | framework | device |"]
+    rows.append("|---|---|---|---|")
+    for ex in examples:
+        rows.append(
+            f"| {ex.get('file', '')} | {ex.get('label', '')} | {classes(ex.get('framework'))} | {classes(ex.get('device'))} |"
+        )
+    return rows
 
 
 def write_report_files(report: BuildReport, folder: Path) -> dict[str, Path]:
