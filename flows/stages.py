@@ -132,16 +132,7 @@ def make_report(
     if built.cached:
         hits.append("build")
     return BuildReport(
-        model=source.name,
-        model_sha256=source.sha256,
-        device=profile.name,
-        target=profile.target,
-        tvm_version=tvm.__version__,
-        tvmflow_version=tvmflow_version(),
-        precision=prepared.precision,
-        framework=source.framework,
-        inputs=[str(s) for s in prepared.specs],
-        data=dataset.source,
+        **_identity(prepared, profile, dataset.source),
         tasks=len(tuning_plan.tasks),
         trials=tuning.new_trials,
         trials_total=sum(r.trials_run for r in tuning.results),
@@ -165,20 +156,28 @@ def make_report(
 BUILD_ONLY_REASON = "build-only: no reachable worker"
 
 
+def _identity(prepared: PreparedModel, profile, data: str) -> dict:
+    """The fields that say what a report is about (model, device, versions, precision, inputs, data):
+    the same for a validated build and a build-only one."""
+    source = prepared.source
+    return {
+        "model": source.name,
+        "model_sha256": source.sha256,
+        "device": profile.name,
+        "target": profile.target,
+        "tvm_version": tvm.__version__,
+        "tvmflow_version": tvmflow_version(),
+        "precision": prepared.precision,
+        "framework": source.framework,
+        "inputs": [str(s) for s in prepared.specs],
+        "data": data,
+    }
+
+
 def build_only_report(prepared: PreparedModel, profile, built: Build, data: str) -> BuildReport:
     """The BuildReport of a build made without a device: untuned, unvalidated, no latency."""
-    source = prepared.source
     return BuildReport(
-        model=source.name,
-        model_sha256=source.sha256,
-        device=profile.name,
-        target=profile.target,
-        tvm_version=tvm.__version__,
-        tvmflow_version=tvmflow_version(),
-        precision=prepared.precision,
-        framework=source.framework,
-        inputs=[str(s) for s in prepared.specs],
-        data=data,
+        **_identity(prepared, profile, data),
         tasks=0,
         trials=0,
         tuning=[],
