@@ -98,6 +98,7 @@ def compile_flow(
         built = stages.pick_and_build(prepared, tuning, session, work_dir, refresh=refresh)
         run, validation, framework_ms = stages.validate(built, prepared, dataset, session, gate)
         untuned_ms = stages.untuned_latency(prepared, session, dataset, refresh) if measure_untuned else None
+        layers = stages.layer_times(built, prepared, dataset, session) if validation.passed else None
         report = stages.make_report(
             prepared,
             session,
@@ -111,6 +112,7 @@ def compile_flow(
             untuned_latency_ms=untuned_ms,
             precision_warning=warning or None,
             baselines=pipeline.baselines(source, dataset.sample(0), framework_ms, work_dir),
+            layer_times=layers,
         )
         if not validation.passed:  # nothing published; the report is kept outside the run's folder
             failure = pipeline.gate_failure(report, prepared, dataset)

@@ -161,6 +161,7 @@ def _retune(
             outcome.reason = outcome.reason.replace("; kept LATEST", "; nothing published")
             outcome.failure = "gate"  # validation failed (decide() publishes whatever validated with no LATEST)
         return
+    layers = stages.layer_times(built, prepared, dataset, session)  # published: its per-layer time table
     baselines = {
         f"{source.framework} (host)": framework_ms,
         **({f"LATEST {latest.build_id} (device)": outcome.latest_ms} if latest else {}),
@@ -177,6 +178,7 @@ def _retune(
         dataset,
         trials_budget=outcome.budget,
         baselines=baselines,
+        layer_times=layers,
         retune={
             "previous_build": outcome.latest_build,
             "previous_latency_ms": outcome.latest_ms,

@@ -1,10 +1,10 @@
 """The pipeline's stages as Prefect tasks over typed records, shared by compile and retune:
 
     fetch -> import -> precision -> extract-tasks -> shared-tuning -> tune-* (fan-out) ->
-    pick-best -> save-tuning -> build -> validate -> publish
+    pick-best -> save-tuning -> build -> validate -> layer-times -> publish
 
 Stages that wait on a device or the store retry transient failures with backoff and time out
-(tasks.retry_policy: DEVICE for validate / untuned-latency, STORE for fetch / shared-tuning /
+(tasks.retry_policy: DEVICE for validate / untuned-latency / layer-times, STORE for fetch / shared-tuning /
 save-tuning / publish); a user error or failed gate is never retried.
 
 Each task wraps a plain function of tasks/ (tasks.pipeline, tasks.tuning.shared_db,
@@ -62,6 +62,7 @@ pick_best = _stage(pipeline.pick_best, "pick-best")
 build = _stage(pipeline.build, "build")
 validate = _stage(pipeline.validate, "validate", **retry_policy.DEVICE)
 untuned_latency = _stage(pipeline.untuned_latency, "untuned-latency", **retry_policy.DEVICE)
+layer_times = _stage(pipeline.layer_times, "layer-times", **retry_policy.DEVICE)
 
 
 def tune(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import tvm
 
+from tasks.devices.layer_times import LayerProfile, profile_layers, profiles_here
 from tasks.devices.profiles import DeviceProfile
 from tasks.devices.session import DeviceAddress, DeviceSession
 from tasks.devices.validate import DeviceRun, Validation, compare, onnxruntime_int8_outputs
@@ -310,6 +311,29 @@ def validate(
         baseline_outputs=framework_int8_outputs(prepared, samples),
     )
     return run, validation, reference.latency_ms(samples[0])
+
+
+def layer_times(build_: Build, prepared: PreparedModel, dataset, session: DeviceSession) -> LayerProfile | None:
+    """The per-layer time table of a validated build (tasks.devices.layer_times) on the first sample,
+    measured in this process while holding a slot of the device; None where the device is not this
+    host's CPU. A profile that cannot run is logged, not fatal: the build validated, the table is extra."""
+    from tasks.devices.capacity import on_device
+
+    profile, address = session.profile, session.start()
+    if not profiles_here(profile.target, address.tracker[0]):
+        run_logger().info(
+            f"per-layer times not measured: device {profile.name!r} is not this host's CPU "
+            "(TVM 0.27's VM profiling hook cannot run over RPC)"
+        )
+        return None
+    try:
+        with on_device(profile.rpc_key, address.slots):
+            return profile_layers(
+                build_.library, dataset.sample(0), prepared.input_names, f"this host's CPU (device {profile.name!r})"
+            )
+    except Exception as err:  # noqa: BLE001 - see above
+        run_logger().warning(f"per-layer times unavailable: {str(err).splitlines()[0][:200] if str(err) else err!r}")
+        return None
 
 
 def framework_int8_outputs(prepared: PreparedModel, samples: list[dict]) -> list | None:

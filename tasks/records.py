@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.build.candidates import OperatorChoice
+from tasks.devices.layer_times import LayerProfile
 from tasks.devices.validate import Validation
 from tasks.importers.model_import import InputSpec
 from tasks.tuning.extract import TuningTask
@@ -169,12 +170,14 @@ class BuildReport:
     wall_seconds: float | None = None
     import_notes: list[str] = field(default_factory=list)  # what the importer changed (batch, folding)
     build_only: bool = False  # built without a device: not tuned, not validated, never LATEST
+    layer_times: LayerProfile | None = None  # per-layer time table (None: not measured on this device)
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["tuning"] = [r.to_json() for r in self.tuning]
         out["validation"] = self.validation.to_json()
         out["operator_choices"] = [c.to_json() for c in self.operator_choices]
+        out["layer_times"] = self.layer_times.to_json() if self.layer_times else None
         return out
 
     @classmethod
@@ -184,6 +187,7 @@ class BuildReport:
         kept["tuning"] = [TaskResult.from_json(r) for r in data.get("tuning") or []]
         kept["validation"] = Validation(**data["validation"])
         kept["operator_choices"] = [OperatorChoice.from_json(c) for c in data.get("operator_choices") or []]
+        kept["layer_times"] = LayerProfile.from_json(data["layer_times"]) if data.get("layer_times") else None
         return cls(**kept)
 
     def manifest_meta(self) -> dict:

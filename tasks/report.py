@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from tasks.build.candidates import choices_table
+from tasks.devices import layer_times
 from tasks.records import BuildReport, TaskResult
 from tasks.tuning_curve import curve_points, write_tuning_curve
 
@@ -96,6 +97,7 @@ def markdown(report: BuildReport) -> str:
         "|---|---|---|",
     ]
     lines += [f"| {r['path']} | {r['median_ms']} | {r['p90_ms']} |" for r in latency_rows(report)]
+    lines += layer_time_section(report)
     lines += ["", "## Tuning tasks", "", "| task | trials | valid | best ms | status |", "|---|---|---|---|---|"]
     lines += [
         f"| {r['task']} | {r['trials']} | {r['valid']} | {r['best_ms']} | {r['status']} |"
@@ -122,6 +124,40 @@ def markdown(report: BuildReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+LAYER_ROWS = 10  # report.md embeds the slowest layers; layer_times.md has them all
+
+
+def layer_time_section(report: BuildReport) -> list[str]:
+    """report.md's per-layer time section: the slowest kernels and a link to the full table, or why
+    there is none for a validated build (its device is not this host's CPU)."""
+    profile = report.layer_times
+    if profile is None:
+        if report.validation.passed and not report.build_only:
+            return [
+                "",
+                f"Per-layer times: not measured (device {report.device!r} is not this host's CPU; "
+                "TVM 0.27's VM profiling hook cannot run over RPC).",
+            ]
+        return []
+    more = f"; all {len(profile.layers)} in [layer_times.md](layer_times.md)" if profile.layers else ""
+    return [
+        "",
+        f"## Per-layer time (slowest {min(LAYER_ROWS, len(profile.layers))} kernels{more})",
+        "",
+        layer_times.markdown(profile, LAYER_ROWS).rstrip(),
+    ]
+
+
+def layer_times_markdown(report: BuildReport) -> str:
+    """layer_times.md: every kernel of the build, slowest first."""
+    assert report.layer_times is not None
+    return (
+        f"# Per-layer time: {report.model} on {report.device} ({report.precision})\n\n"
+        + (f"Build: `{report.build_uri}`\n\n" if report.build_uri else "")
+        + layer_times.markdown(report.layer_times)
+    )
+
+
 def top5_examples(examples: list) -> list[str]:
     """Markdown rows: per example image, the source framework's and the device's top-5 classes."""
     if not examples:
@@ -140,25 +176,36 @@ def top5_examples(examples: list) -> list[str]:
 
 
 def write_report_files(report: BuildReport, folder: Path) -> dict[str, Path]:
-    """report.json, report.md and, when a task was searched in this run, tuning_curve.png."""
+    """report.json, report.md and, when a task was searched in this run, tuning_curve.png; with a
+    per-layer profile, layer_times.md / layer_times.json."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {"report.json": folder / "report.json", "report.md": folder / "report.md"}
     curve = write_tuning_curve(report.tuning, folder / "tuning_curve.png", f"{report.model} on {report.device}")
     if curve is not None:
         files["tuning_curve.png"] = curve
+    if report.layer_times is not None:
+        files["layer_times.md"], files["layer_times.json"] = folder / "layer_times.md", folder / "layer_times.json"
+        files["layer_times.md"].write_text(layer_times_markdown(report))
+        files["layer_times.json"].write_text(json.dumps(report.layer_times.to_json(), indent=2))
     (folder / "report.json").write_text(json.dumps(report.to_json(), indent=2, sort_keys=True, default=str))
     (folder / "report.md").write_text(markdown(report) + ("\n![tuning curve](tuning_curve.png)\n" if curve else ""))
     return files
 
 
 def publish_artifacts(report: BuildReport) -> None:
-    """The report as a markdown artifact, latency and tuning tables as table artifacts."""
+    """The report and the per-layer time table as markdown artifacts, latency and tuning tables as table artifacts."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     key = "".join(c if c.isalnum() else "-" for c in f"{report.model}-{report.device}").lower()
     text = markdown(report)
     if report.build_uri and any(curve_points(t) for t in report.tuning):
         text += f"\nTuning curve (best latency per task vs trials and vs time): {report.build_uri}/tuning_curve.png\n"
+    if report.build_uri and report.layer_times is not None:
+        text += f"\nPer-layer time table: {report.build_uri}/layer_times.md\n"
     create_markdown_artifact(markdown=text, key=f"{key}-report", description="tvmflow build report")
+    if report.layer_times is not None:
+        create_markdown_artifact(
+            markdown=layer_times_markdown(report), key=f"{key}-layer-times", description="per-layer time"
+        )
     create_table_artifact(table=latency_rows(report), key=f"{key}-latency", description="latency (ms)")
     create_table_artifact(table=tuning_rows(report.tuning), key=f"{key}-tuning", description="tuning tasks")

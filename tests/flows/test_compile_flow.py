@@ -72,6 +72,8 @@ def test_e2e_publishes_a_verified_build(first_run, flow_env):
         "report.json",
         "report.md",
         "tuning_curve.png",  # the first run searched: its tuning curve is published with the build
+        "layer_times.md",  # the per-layer time table of the validated build (measured on this host's CPU)
+        "layer_times.json",
         "manifest.json",
     } <= names
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -96,7 +98,11 @@ def test_e2e_publishes_a_verified_build(first_run, flow_env):
     tuned = [r for r in saved["tuning"] if r["trials_run"] > 0]
     assert tuned and all(r["error"] is None and r["best_ms"] > 0 for r in tuned)
     assert set(saved["untuned_tasks"]) == {r["name"] for r in saved["tuning"] if r["error"]}
-    assert "# tvmflow build: mnist_cnn on local" in (folder / "report.md").read_text()
+    text = (folder / "report.md").read_text()
+    assert "# tvmflow build: mnist_cnn on local" in text
+    layers = saved["layer_times"]["layers"]
+    assert any("conv2d" in x["kernel"] for x in layers) and all(x["ms"] > 0 for x in layers)
+    assert "## Per-layer time" in text and f"`{layers[0]['kernel']}`" in text and "(layer_times.md)" in text
 
 
 def test_second_identical_run_reuses_everything(first_run, flow_env, shared_cache, capsys):
