@@ -200,11 +200,14 @@ def _workers(args) -> int:
         if workers.load_state():
             raise TvmflowError("workers are already running (see `tvmflow workers status`); stop them first")
         profile = get_device(args.device)
-        started = workers.start_local_workers(profile.rpc_key, args.servers, threads=profile.target.get("num-cores"))
+        if workers.is_cuda(profile) and args.servers is not None:
+            raise TvmflowError(f"{profile.name!r} is a CUDA device: give --gpus N|all (one rpc server per GPU)")
+        started = workers.start_device_workers(profile, args.servers, args.gpus)
         workers.save_state(started)
+        pinned = f" (one per GPU: {','.join(started.gpus)})" if started.gpus else ""
         print(
-            f"tracker {started.tracker} with {args.servers} rpc server(s), key {profile.rpc_key!r}; "
-            f"use --tracker {started.tracker}"
+            f"tracker {started.tracker} with {len(started.server_pids)} rpc server(s){pinned}, "
+            f"key {profile.rpc_key!r}; use --tracker {started.tracker}"
         )
     elif args.action == "status":
         state = workers.load_state()
@@ -212,7 +215,7 @@ def _workers(args) -> int:
             print("no local workers running")
             return 1
         summary = workers.tracker_summary(state.host, state.tracker_port)
-        print(json.dumps({"tracker": state.tracker, **summary}, indent=2))
+        print(json.dumps({"tracker": state.tracker, "gpus": state.gpus, **summary}, indent=2))
     else:
         state = workers.load_state()
         if state:
@@ -440,7 +443,13 @@ def parser() -> argparse.ArgumentParser:
     work = sub.add_parser("workers", help="start/stop local device workers (tracker + rpc servers)")
     work.add_argument("action", choices=["start", "status", "stop"])
     work.add_argument("--device", default="local")
-    work.add_argument("--servers", type=int, default=2)
+    work.add_argument("--servers", type=int, default=None, help="CPU devices: rpc servers to start (default 2)")
+    work.add_argument(
+        "--gpus",
+        default=None,
+        metavar="N|all",
+        help="CUDA devices: one rpc server per GPU, pinned with CUDA_VISIBLE_DEVICES (default all visible)",
+    )
     work.set_defaults(func=_workers)
     srv = sub.add_parser("serve", help="one machine: Prefect server + deployments + worker + local device workers")
     srv.add_argument("--port", type=int, default=4200, help="Prefect server/UI port")

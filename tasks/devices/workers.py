@@ -2,21 +2,31 @@
 
 Each process runs in its own process group so that stopping it also stops the popen
 workers it forked (SIGTERM to the leader alone leaves ~0.5 GB orphans behind).
+
+A CUDA device gets one rpc server per GPU, each pinned with CUDA_VISIBLE_DEVICES to its GPU
+(which it then sees as cuda(0)), all under the device's key: MetaSchedule's RPC runner measures
+as many candidates at once as there are GPUs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tasks.errors import TvmflowError, Unreachable
+
+if TYPE_CHECKING:
+    from tasks.devices.profiles import DeviceProfile
 
 STATE_FILE = Path(os.environ.get("TVMFLOW_HOME", Path.home() / ".tvmflow")) / "workers.json"
 
@@ -54,6 +64,13 @@ def free_servers(host: str, port: int, key: str) -> int:
     """How many rpc servers registered under `key` are idle right now."""
     queue = tracker_summary(host, port).get("queue_info", {})
     return int(queue.get(key, {}).get("free", 0))
+
+
+def registered_servers(host: str, port: int, key: str) -> int:
+    """How many rpc servers are registered under `key`, idle or busy (what a runner can fan out to)."""
+    summary = tracker_summary(host, port)
+    registered = sum(1 for s in summary.get("server_info", []) if s.get("key") == f"server:{key}")
+    return max(registered, int(summary.get("queue_info", {}).get(key, {}).get("free", 0)))
 
 
 def wait_for_servers(host: str, port: int, key: str, count: int = 1, timeout: float = 60.0) -> int:
@@ -115,12 +132,17 @@ class LocalWorkers:
     host: str = "127.0.0.1"
     log_dir: str = ""
     threads: int | None = None  # TVM_NUM_THREADS of the servers; TVM's own default is half the CPUs
+    gpus: list[str] = field(default_factory=list)  # CUDA_VISIBLE_DEVICES of each server, in server order
 
     @property
     def tracker(self) -> str:
         return f"{self.host}:{self.tracker_port}"
 
-    def add_server(self) -> int:
+    def add_server(self, gpu: str | None = None) -> int:
+        """Start one rpc server; `gpu` pins it to that GPU (CUDA_VISIBLE_DEVICES)."""
+        env = {"TVM_NUM_THREADS": str(self.threads)} if self.threads else {}
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
         proc = _spawn(
             [
                 "-m",
@@ -137,9 +159,11 @@ class LocalWorkers:
                 self.key,
             ],
             Path(self.log_dir) / f"rpc_server_{len(self.server_pids)}.log",
-            {"TVM_NUM_THREADS": str(self.threads)} if self.threads else None,
+            env,
         )
         self.server_pids.append(proc.pid)
+        if gpu is not None:
+            self.gpus.append(str(gpu))
         return proc.pid
 
     def stop(self) -> None:
@@ -178,11 +202,15 @@ def start_local_workers(
     log_dir: str | os.PathLike | None = None,
     timeout: float = 60.0,
     threads: int | None = None,
+    gpus: Sequence[str] | None = None,
 ) -> LocalWorkers:
     """Start a tracker and `servers` rpc servers registered under `key`; wait until all are free.
 
     `threads` should be the target's num-cores: without TVM_NUM_THREADS the runtime uses half
-    the hardware threads (1 on a 2-core VM), so kernels tuned for 2 cores would run on one."""
+    the hardware threads (1 on a 2-core VM), so kernels tuned for 2 cores would run on one.
+    `gpus`: one server per entry instead, each with CUDA_VISIBLE_DEVICES set to it."""
+    gpu_list: list[str | None] = [str(g) for g in gpus] if gpus else [None] * servers
+    servers = len(gpu_list)
     log_dir = Path(log_dir or STATE_FILE.parent / "logs")
     port = free_port()
     tracker = _spawn(
@@ -200,13 +228,90 @@ def start_local_workers(
                 if tracker.poll() is not None or time.monotonic() > deadline:
                     raise TvmflowError(f"the RPC tracker did not start; see {log_dir / 'rpc_tracker.log'}") from None
                 time.sleep(0.2)
-        for _ in range(servers):
-            workers.add_server()
+        for gpu in gpu_list:
+            workers.add_server(gpu)
         wait_for_servers("127.0.0.1", port, key, servers, timeout)
     except BaseException:
         workers.stop()
         raise
     return workers
+
+
+def is_cuda(profile: DeviceProfile) -> bool:
+    """A device whose workers are CUDA GPUs: one rpc server per GPU."""
+    return profile.target.get("kind") == "cuda"
+
+
+def detected_gpus() -> list[str]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES when set (as CUDA reads it: up to the
+    first empty or negative entry), else one index per `nvidia-smi -L` line, else none."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        found = []
+        for entry in (e.strip() for e in visible.split(",")):
+            if not entry or entry.startswith("-"):
+                break
+            found.append(entry)
+        return found
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        listing = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, _ in enumerate(line for line in listing.splitlines() if line.startswith("GPU "))]
+
+
+def visible_gpus(gpus: int | str | Sequence[str] | None = "all") -> list[str]:
+    """The GPUs to start one rpc server each for: an explicit list of CUDA_VISIBLE_DEVICES
+    entries, a count N (the first N detected), or "all"/None (every detected one)."""
+    if isinstance(gpus, Sequence) and not isinstance(gpus, str):
+        chosen = [str(g).strip() for g in gpus]
+        if not chosen or not all(chosen) or len(set(chosen)) != len(chosen):
+            raise TvmflowError(f"bad GPU list {list(gpus)!r}: give distinct GPU indices, e.g. ['0', '1']")
+        return chosen
+    wanted = None if gpus is None or str(gpus).strip().lower() == "all" else str(gpus).strip()
+    if wanted is not None and (not wanted.isdigit() or int(wanted) < 1):
+        raise TvmflowError(f"bad --gpus {gpus!r}: give a count of GPUs (e.g. 4) or all")
+    found = detected_gpus()
+    if not found:
+        raise TvmflowError(
+            "no GPU visible (CUDA_VISIBLE_DEVICES is empty or unset and `nvidia-smi -L` lists none); "
+            "run this on the GPU host, or set CUDA_VISIBLE_DEVICES=0,1,... to the GPUs to use"
+        )
+    if wanted is not None and int(wanted) > len(found):
+        raise TvmflowError(
+            f"--gpus {wanted} but only {len(found)} GPU(s) visible ({','.join(found)}); "
+            f"pass --gpus {len(found)} or --gpus all"
+        )
+    return found[: int(wanted)] if wanted is not None else found
+
+
+def start_device_workers(
+    profile: DeviceProfile,
+    servers: int | None = None,
+    gpus: int | str | Sequence[str] | None = None,
+    log_dir: str | os.PathLike | None = None,
+    timeout: float = 60.0,
+) -> LocalWorkers:
+    """Local workers for a device profile: one rpc server per GPU for a CUDA device (`gpus`: a
+    count, "all" (default) or a list of indices), else `servers` CPU servers (default: the
+    profile's local_workers, else 2) running the target's num-cores threads."""
+    if is_cuda(profile):
+        return start_local_workers(profile.rpc_key, log_dir=log_dir, timeout=timeout, gpus=visible_gpus(gpus))
+    if gpus is not None:
+        raise TvmflowError(
+            f"--gpus is for CUDA devices; {profile.name!r} is a {profile.target.get('kind')} device: "
+            "give --servers instead"
+        )
+    return start_local_workers(
+        profile.rpc_key,
+        servers or profile.local_workers or 2,
+        log_dir,
+        timeout,
+        threads=profile.target.get("num-cores"),
+    )
 
 
 def save_state(workers: LocalWorkers) -> None:
