@@ -2,8 +2,9 @@
 
 The limit is named after the device key (`device:<rpc key>`) and has as many slots as there
 are devices of that kind, so two flow runs (or a flow run and a tuning fan-out on Dask) never
-put more measurements on a device kind than it has boards. A missing limit is created with
-that slot count; an existing one is left as an operator set it.
+put more measurements on a device kind than it has boards; for a CUDA device that is one slot
+per GPU worker. A missing limit is created with that slot count; an existing one is left as an
+operator set it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,16 @@ log = logging.getLogger("tvmflow.capacity")
 
 def limit_name(rpc_key: str) -> str:
     return f"device:{rpc_key}"
+
+
+def device_slots(profile, servers: int) -> int:
+    """Devices of this kind. CUDA: one per GPU worker (rpc server) found on the tracker, so the
+    slots follow `tvmflow workers start --gpus N`; others: the fleet file's `count` if set, else
+    the servers found."""
+    count = int(profile.extra.get("count") or 0)
+    if profile.target.get("kind") == "cuda":
+        return int(servers or count or 1)
+    return int(count or servers or 1)
 
 
 def ensure_limit(rpc_key: str, slots: int) -> int:

@@ -3,8 +3,9 @@ many servers answer there, and its capacity slots. Stages take the session inste
 `(tracker, servers, device)` threaded through their signatures.
 
 Used as a context manager: with no tracker given (argument or $TVMFLOW_TRACKER) and a profile
-with `local_workers`, it starts a local tracker + rpc servers on first use and stops them on
-exit; a run with nothing to tune or measure never starts them.
+with `local_workers`, it starts a local tracker + rpc servers on first use (a CUDA profile: one
+per visible GPU) and stops them on exit; a run with nothing to tune or measure never starts them.
+`servers` counts every server registered under the key: the runner measures that many at once.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from tasks.devices.capacity import on_device
+from tasks.devices.capacity import device_slots, on_device
 from tasks.devices.profiles import DeviceProfile
 from tasks.devices.validate import DeviceRun, run_on_device
 from tasks.devices.workers import (
     LocalWorkers,
     parse_tracker,
-    start_local_workers,
+    registered_servers,
+    start_device_workers,
     wait_for_servers,
 )
 from tasks.errors import TvmflowError
@@ -34,12 +36,8 @@ class DeviceAddress:
 
     @property
     def slots(self) -> int:
+        """Slots of the device's global concurrency limit (tasks.devices.capacity.device_slots)."""
         return device_slots(self.profile, self.servers)
-
-
-def device_slots(profile: DeviceProfile, servers: int) -> int:
-    """Devices of this kind: the fleet file's `count` if set, else the servers found on the tracker."""
-    return int(profile.extra.get("count") or servers or 1)
 
 
 @dataclass
@@ -58,7 +56,8 @@ class DeviceSession:
         uri = self.tracker_uri or os.environ.get("TVMFLOW_TRACKER")  # e.g. set by `tvmflow serve`
         if uri:
             host, port = parse_tracker(uri)
-            count = wait_for_servers(host, port, self.profile.rpc_key, 1, self.worker_timeout)
+            wait_for_servers(host, port, self.profile.rpc_key, 1, self.worker_timeout)
+            count = registered_servers(host, port, self.profile.rpc_key)  # busy ones measure too
             self._address = DeviceAddress(self.profile, (host, port), count)
             return self._address
         if self.profile.local_workers <= 0:
@@ -66,11 +65,10 @@ class DeviceSession:
                 f"device {self.profile.name!r} has no local workers: pass --tracker host:port of a "
                 f"tracker where its rpc servers (key {self.profile.rpc_key!r}) are registered"
             )
-        self.local = start_local_workers(
-            self.profile.rpc_key, self.profile.local_workers, self.log_dir, threads=self.profile.target.get("num-cores")
-        )
+        # a CUDA profile with local_workers > 0 gets one server per visible GPU instead
+        self.local = start_device_workers(self.profile, self.profile.local_workers, log_dir=self.log_dir)
         self._address = DeviceAddress(
-            self.profile, (self.local.host, self.local.tracker_port), self.profile.local_workers
+            self.profile, (self.local.host, self.local.tracker_port), len(self.local.server_pids)
         )
         return self._address
 
