@@ -16,7 +16,6 @@ once and each round has at least 2 x servers candidates; builders use every host
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from tasks.tuning.cost_model import load_model, save_model
 from tasks.tuning.extract import TuningTask
-from tasks.tuning.tune import INVALID_SECS, TuneResult, export_with, lean_build, seed_database
+from tasks.tuning.tune import INVALID_SECS, TuneResult, local_builder, per_iter_for, rpc_runner, seed_database
 
 log = logging.getLogger("tvmflow.joint")
 
@@ -50,11 +49,6 @@ class JointSummary:
         data = asdict(self)
         data["results"] = [r.to_json() if hasattr(r, "to_json") else r for r in self.results]
         return data
-
-
-def per_iter_for(servers: int, per_iter: int = 16) -> int:
-    """Candidates per round: at least two per device worker so none idles while others measure."""
-    return max(per_iter, 2 * max(servers, 1))
 
 
 def tunable(tasks: list[TuningTask], min_share: float = 0.0001) -> list[TuningTask]:
@@ -179,23 +173,12 @@ def tune_jointly(
     if chosen:
         target = tvm.target.Target(device.target)
         cores = os.cpu_count() or 1
-        builder = ms.builder.LocalBuilder(
-            max_workers=builder_workers or cores,
-            timeout_sec=60,
-            f_build=lean_build,
-            f_export=functools.partial(export_with, cross_compiler=device.cross_compiler),
-        )
-        runner = ms.runner.RPCRunner(
-            rpc_config=ms.runner.RPCConfig(
-                tracker_host=tracker[0], tracker_port=tracker[1], tracker_key=device.rpc_key, session_timeout_sec=60
-            ),
-            evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40),
-            max_workers=max(servers, 1),
-        )
+        builder = local_builder(device.target, builder_workers or cores, device.cross_compiler)
+        runner = rpc_runner(tracker[0], tracker[1], device.rpc_key, servers)
         if use_slots:
-            from tasks.devices.capacity import limited_runner
+            from tasks.devices.capacity import device_slots, limited_runner
 
-            runner = limited_runner(runner, device.rpc_key, servers)
+            runner = limited_runner(runner, device.rpc_key, device_slots(device, servers))
         database = ms.database.JSONDatabase(
             path_workload=str(work_dir / "database_workload.json"),
             path_tuning_record=str(work_dir / "database_tuning_record.json"),

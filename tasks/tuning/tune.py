@@ -49,6 +49,44 @@ def lean_build(mod, target, _params):
     return tvm_build(mod, target=target)
 
 
+def per_iter_for(servers: int, per_iter: int = 16) -> int:
+    """Candidates per round: at least two per device worker so none idles while others measure."""
+    return max(per_iter, 2 * max(servers, 1))
+
+
+def local_builder(target: dict, workers: int, cross_compiler: str | None = None):
+    """The candidates' builder: lean_build on CPUs; on CUDA tasks.build.gpu.cuda_build (tensor-core
+    candidates need its build config) with a longer timeout (nvcc is slow)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from tasks.build.gpu import cuda_build
+
+    cuda = target.get("kind") == "cuda"
+    return ms.builder.LocalBuilder(
+        max_workers=workers,
+        timeout_sec=120 if cuda else 60,
+        f_build=cuda_build if cuda else lean_build,
+        f_export=functools.partial(export_with, cross_compiler=cross_compiler),
+    )
+
+
+def rpc_runner(tracker_host: str, tracker_port: int, key: str, servers: int, session_timeout: int = 60):
+    """MetaSchedule's RPC runner over the tracker's `key` servers: it measures `servers`
+    candidates at once (one per device worker; a CUDA device has one worker per GPU)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.runner.RPCRunner(
+        rpc_config=ms.runner.RPCConfig(
+            tracker_host=tracker_host,
+            tracker_port=tracker_port,
+            tracker_key=key,
+            session_timeout_sec=session_timeout,
+        ),
+        evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40),
+        max_workers=max(servers, 1),
+    )
+
+
 def export_with(mod, cross_compiler: str | None = None) -> str:
     """Export a candidate as a shared library, cross-compiled where the device needs it."""
     import os
@@ -72,30 +110,15 @@ def measure_tools(
     servers: int,
     cross_compiler: str | None = None,
     session_timeout: int = 60,
+    target: dict | None = None,
 ):
     """(builder, runner) shared across tasks of this process for one tracker/key."""
-    from tvm.s_tir import meta_schedule as ms
-
-    ident = (tracker_host, tracker_port, key, servers, cross_compiler)
+    kind = (target or {}).get("kind", "llvm")
+    ident = (tracker_host, tracker_port, key, servers, cross_compiler, kind)
     with _SHARED_LOCK:
         if ident not in _SHARED:
-            builder = ms.builder.LocalBuilder(
-                max_workers=2,
-                timeout_sec=60,
-                f_build=lean_build,
-                f_export=functools.partial(export_with, cross_compiler=cross_compiler),
-            )
-            runner = ms.runner.RPCRunner(
-                rpc_config=ms.runner.RPCConfig(
-                    tracker_host=tracker_host,
-                    tracker_port=tracker_port,
-                    tracker_key=key,
-                    session_timeout_sec=session_timeout,
-                ),
-                evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40),
-                max_workers=max(servers, 1),
-            )
-            _SHARED[ident] = (builder, runner)
+            builder = local_builder(target or {"kind": kind}, 2, cross_compiler)
+            _SHARED[ident] = (builder, rpc_runner(tracker_host, tracker_port, key, servers, session_timeout))
         return _SHARED[ident]
 
 
@@ -157,7 +180,7 @@ def tune_task(
         return result
     started = time.monotonic()
     try:
-        builder, runner = measure_tools(*tracker, key, servers, cross_compiler)
+        builder, runner = measure_tools(*tracker, key, servers, cross_compiler, target=target)
         runner = limited_runner(runner, key, servers)  # measurements hold the device's global slots
         database = ms.database.JSONDatabase(
             path_workload=str(work_dir / "database_workload.json"),
@@ -180,7 +203,7 @@ def tune_task(
             task_weights=[1.0],
             work_dir=str(work_dir),
             max_trials_global=task.trials,
-            num_trials_per_iter=min(per_iter, task.trials),
+            num_trials_per_iter=min(per_iter_for(servers, per_iter), task.trials),
             builder=builder,
             runner=runner,
             database=database,
