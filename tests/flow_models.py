@@ -1,4 +1,4 @@
-"""Tiny model factories for flow tests (`tests.flow_models:NAME`), each with a real defect."""
+"""Tiny model factories for flow tests (`tests.flow_models:NAME`), each with a real defect or trait."""
 
 from __future__ import annotations
 
@@ -13,3 +13,11 @@ def train_mode_dropout():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10), nn.Dropout(0.5))
     return model.train(), (torch.zeros(1, 1, 28, 28),)
+
+
+def linear_digits():
+    """A one-layer digit classifier in eval mode: far less work per image than the bundled MNIST CNN,
+    so its build is a LATEST that a retune of the CNN (same file, model replaced) is slower than."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+    return model.eval(), (torch.zeros(1, 1, 28, 28),)

@@ -1,0 +1,155 @@
+"""`tvmflow retune` when it must not publish, on the real Prefect server (its events read back through
+the API) with real device workers and a local store: a rebuilt model slower than LATEST (kept,
+`tvmflow.build.regressed`, exit 0), a failed validation gate (exit 3) and an unreachable tracker
+(exit 4), each publishing nothing. Tiny budgets on tiny models keep each test short."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import prefect_env
+import pytest
+
+from flows import cli
+from tasks import events
+from tasks.devices.workers import free_port
+from tasks.importers.model_import import export_factory
+
+DATA = "bundled:mnist:16"
+
+
+@pytest.fixture
+def srv():
+    """The process-wide Prefect server; the CLI in this process talks to it while the test runs."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = prefect_env.server()
+    with temporary_settings(updates={PREFECT_API_URL: server.api}):
+        yield server
+
+
+def _now() -> str:
+    """Now, for an `occurred since` filter (events carry the emitting process's clock: this machine's)."""
+    return datetime.now(UTC).isoformat()
+
+
+def _events(srv, name: str, resource_id: str, since: str, timeout: float = 60) -> list[dict]:
+    """The `name` events about `resource_id` since `since` (they reach the API asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = srv.post(
+            "/events/filter",
+            {
+                "filter": {
+                    "event": {"name": [name]},
+                    "resource": {"id": [resource_id]},
+                    "occurred": {"since": since},
+                },
+                "limit": 10,
+            },
+        )["events"]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(1)
+
+
+def _retune(capsys, *args: str) -> tuple[int, str, str]:
+    code = cli.main(["retune", "--quiet", "--budget", "0", "--data", DATA, "--worker-timeout", "10", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _error_line_last(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), err[-3000:]
+    assert sum(line.startswith("error: ") for line in lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[-1]
+
+
+def _published(store: Path) -> list[Path]:
+    """Build folders, LATEST files and tuning shards in the store (Prefect's persisted results aside)."""
+    return (
+        [
+            p.relative_to(store)
+            for p in store.rglob("*")
+            if p.is_file() and p.relative_to(store).parts[0] != "prefect-results"
+        ]
+        if store.exists()
+        else []
+    )
+
+
+def test_a_retune_slower_than_latest_is_kept_and_emits_regressed(srv, tmp_path, mnist_pt2, capsys):
+    """LATEST of `digits.pt2` is a one-layer classifier; then the file is replaced by the MNIST CNN (a
+    retrained, bigger model at the same URI). The nightly rebuild validates but is slower than LATEST
+    measured in the same run: LATEST stays, no build folder is added, the regression is an event."""
+    store, model = tmp_path / "store", tmp_path / "digits.pt2"
+    export_factory("tests.flow_models:linear_digits", model)
+    common = ["--store", str(store), "--tracker", srv.tracker]
+    assert (
+        cli.main(
+            ["compile", "--quiet", "--model", str(model), "--data", DATA, "--trials", "0", "--no-untuned", *common]
+        )
+        == 0
+    )
+    base = store / "builds" / "digits" / "local"
+    before, builds = (base / "LATEST").read_text(), sorted(p.name for p in base.iterdir())
+    capsys.readouterr()
+    since = _now()  # after the compile's own `published` event
+    shutil.copyfile(mnist_pt2, model)
+    # --refresh: rebuild and validate now although there is no extra budget to tune with
+    code, out, err = _retune(capsys, "--model", str(model), "--refresh", "--json", *common)
+    assert code == 0, err[-3000:]
+    [outcome] = json.loads(out.strip().splitlines()[-1])
+    assert outcome["status"] == "kept" and outcome["latest_build"] == before, outcome
+    assert "slower than LATEST" in outcome["reason"] and outcome["new_ms"] > outcome["latest_ms"], outcome
+    assert outcome["validation"]["passed"]  # validated, only slower
+    assert (base / "LATEST").read_text() == before and sorted(p.name for p in base.iterdir()) == builds
+    [event] = _events(srv, events.REGRESSED, "tvmflow.build.digits.local", since)
+    payload = event["payload"]
+    assert payload["model"] == "digits" and payload["device"] == "local" and payload["build_id"] == before
+    assert payload["latency_ms"] == outcome["new_ms"] and payload["previous_ms"] == outcome["latest_ms"]
+    assert payload["slower_percent"] > 3
+    assert not _events(srv, events.PUBLISHED, "tvmflow.build.digits.local", since, timeout=0)
+
+
+def test_a_retune_whose_gate_fails_exits_3_and_publishes_nothing(srv, tmp_path, capsys):
+    """A model left in training mode (torch runs its dropout, the build does not) fails validation."""
+    store = tmp_path / "store"
+    since = _now()
+    code, out, err = _retune(
+        capsys, "--model", "tests.flow_models:train_mode_dropout", "--store", str(store), "--tracker", srv.tracker
+    )
+    assert code == 3, err[-3000:]
+    line = _error_line_last(err)
+    assert "1 of 1 models failed" in line and "validation failed" in line and "nothing published" in line, line
+    assert _published(store) == []
+    [event] = _events(srv, events.RETUNE_FAILED, "tvmflow.build.train_mode_dropout.local", since)
+    assert event["payload"]["failure"] == "gate" and "validation failed" in event["payload"]["reason"]
+
+
+def test_a_retune_with_an_unreachable_tracker_exits_4_and_publishes_nothing(srv, tmp_path, capsys):
+    """Nobody listens on the tracker's port: the model fails before its first measurement."""
+    store, port = tmp_path / "store", free_port()
+    since = _now()
+    code, out, err = _retune(
+        capsys,
+        "--model",
+        prefect_env.MNIST["model"],
+        "--budget",
+        "8",  # something to tune, so the run needs the device
+        "--store",
+        str(store),
+        "--tracker",
+        f"127.0.0.1:{port}",
+    )
+    assert code == 4, err[-3000:]
+    line = _error_line_last(err)
+    assert "1 of 1 models failed" in line and f"127.0.0.1:{port}" in line, line
+    assert _published(store) == []
+    [event] = _events(srv, events.RETUNE_FAILED, "tvmflow.build.mnist_cnn.local", since)
+    assert event["payload"]["failure"] == "unreachable"
