@@ -173,6 +173,7 @@ def _retune(args) -> int:
             precision_options=options,
             refresh=args.refresh,
             gate=parse_gate(args.gate) if args.gate else None,
+            batch=args.batch,
         )
         code = 0
     except TvmflowError as err:
@@ -405,6 +406,9 @@ def parser() -> argparse.ArgumentParser:
     ret.add_argument("--dask", default=None, metavar="HOST:PORT", help="run the tuning fan-out on this Dask scheduler")
     ret.add_argument("--refresh", action="store_true", help="ignore cached stage outputs")
     ret.add_argument("--gate", default=None, metavar="KEY=VALUE,...", help=GATE_HELP)
+    ret.add_argument(
+        "--batch", type=int, default=None, metavar="N", help="fix the models' dynamic batch dimension (default 1)"
+    )
     ret.add_argument("--json", action="store_true", help="print the outcomes as JSON on the last stdout line")
     ret.set_defaults(func=_retune)
     fetch = sub.add_parser("fetch", help="download a build, every file verified against its manifest")

@@ -39,6 +39,7 @@ def retune_model(
     precision_options: dict | None,
     refresh: bool = False,
     gate: dict | None = None,
+    batch: int | None = None,
 ) -> retune.Outcome:
     """Retune, rebuild, validate, compare and maybe publish one model; never raises.
 
@@ -60,6 +61,7 @@ def retune_model(
                 work_dir,
                 outcome,
                 gate,
+                batch,
             )
     except Exception as err:  # noqa: BLE001 - one model's failure must not stop the others
         outcome.status, outcome.reason = "failed", retune.failure_reason(err)
@@ -84,6 +86,7 @@ def _retune(
     work_dir: Path,
     outcome: retune.Outcome,
     gate: dict | None = None,
+    run_batch: int | None = None,
 ) -> None:
     started = time.monotonic()
     profile = session.profile
@@ -93,8 +96,9 @@ def _retune(
     latest = retune.latest_build(store, source.name, profile.name, work_dir / "latest")
     outcome.latest_build = latest.build_id if latest else None
     wanted = retune.entry_precision(entry, run_precision, latest)
-    prepared = stages.import_model(source, profile, specs_in, wanted, refresh)
+    prepared = stages.import_model(source, profile, specs_in, wanted, refresh, retune.entry_batch(entry, run_batch))
     outcome.precision = prepared.precision
+    same_inputs = retune.comparable(latest, prepared.specs)  # None: LATEST takes other inputs (another batch)
     dataset = load_dataset(entry.data, prepared.specs)
     options = {
         "calibration": entry.calibration or entry.data,  # int8: the entry's data unless told otherwise
@@ -102,7 +106,7 @@ def _retune(
     }
     prepared = stages.precision(prepared, profile, PrecisionOptions(**options), refresh)
     tuning_plan = stages.plan(prepared, profile, budget)
-    latest_same_precision = latest if latest and latest.precision == prepared.precision else None
+    latest_same_precision = same_inputs if same_inputs and same_inputs.precision == prepared.precision else None
     outcome.budget = (latest_same_precision.budget if latest_same_precision else 0) + sum(
         t.trials for t in tuning_plan.tuned
     )
@@ -141,10 +145,12 @@ def _retune(
     outcome.validation = validation.to_json()
     outcome.new_ms = run.median_ms
     names, sample = prepared.input_names, [dataset.sample(0)]
-    if latest:  # both measured now, on the same device kind, same input, same repeats
-        outcome.latest_ms = session.measure(latest.library, sample, names).median_ms
+    if same_inputs:  # both measured now, on the same device kind, same input, same repeats
+        outcome.latest_ms = session.measure(same_inputs.library, sample, names).median_ms
         outcome.new_ms = session.measure(built.library, sample, names).median_ms
     publish, outcome.reason = retune.decide(validation.passed, validation.reason, outcome.new_ms, outcome.latest_ms)
+    if latest and not same_inputs:
+        outcome.reason += f" (LATEST {latest.build_id} takes inputs {', '.join(latest.inputs)}: not compared)"
     if not publish:
         if validation.passed and latest and outcome.latest_ms is not None:  # validated but slower than LATEST
             events.emit_regressed(
@@ -164,7 +170,7 @@ def _retune(
     layers = stages.layer_times(built, prepared, dataset, session)  # published: its per-layer time table
     baselines = {
         f"{source.framework} (host)": framework_ms,
-        **({f"LATEST {latest.build_id} (device)": outcome.latest_ms} if latest else {}),
+        **({f"LATEST {latest.build_id} (device)": outcome.latest_ms} if latest and same_inputs else {}),
     }
     report = stages.make_report(
         prepared,
@@ -215,17 +221,22 @@ def retune_flow(
     precision_options: dict | None = None,
     refresh: bool = False,
     gate: dict | None = None,
+    batch: int | None = None,
 ) -> list[dict]:
     """Retune every model (default: the device's `models` in the fleet file) with `budget` more trials each.
 
     `precision` None: each entry's own `precision`, else its LATEST's, else fp32. `gate`: overrides
-    of the validation thresholds (tasks.devices.validate.GATE_KEYS)."""
-    profile, entries = check_parameters(device, models, budget, store, precision)
+    of the validation thresholds (tasks.devices.validate.GATE_KEYS). `batch`: the models' dynamic batch
+    dimension fixed to this (None: 1; an entry's own `batch` wins), as compile's --batch; a LATEST that
+    takes other inputs is not measured against (the rebuilt model is published if it validates)."""
+    profile, entries = check_parameters(device, models, budget, store, precision, batch)
     gate_thresholds("fp32", gate)  # a bad gate key fails now (its values apply to every precision)
     with DeviceSession(profile, tracker, worker_timeout, str(cache.cache_root() / "logs")) as session:
         # device workers start on first use: a model with nothing to tune never waits for them
         outcomes = [
-            retune_model(entry, session, store, int(budget), dask_address, precision, precision_options, refresh, gate)
+            retune_model(
+                entry, session, store, int(budget), dask_address, precision, precision_options, refresh, gate, batch
+            )
             for entry in entries
         ]
     key = "".join(c if c.isalnum() else "-" for c in f"retune-{device}").lower()

@@ -30,16 +30,18 @@ NOISE_TOLERANCE = 0.03
 
 @dataclass
 class ModelEntry:
-    """One model of the fleet: its URI or factory, validation data, input specs and precision.
+    """One model of the fleet: its URI or factory, validation data, input specs, precision and batch.
 
     `precision` None: the run's precision if given, else LATEST's, else fp32. `calibration`
-    (int8): calibration samples, by default the entry's data."""
+    (int8): calibration samples, by default the entry's data. `batch` None: the run's, else 1
+    (the model's dynamic batch dimension fixed to it, as compile's --batch)."""
 
     model: str
     data: str | None = None
     inputs: list[str] = field(default_factory=list)
     precision: str | None = None
     calibration: str | None = None
+    batch: int | None = None
 
     @property
     def name(self) -> str:
@@ -68,7 +70,8 @@ class Outcome:
 
 
 def parse_models(models) -> list[ModelEntry]:
-    """Models as deployment parameters give them: a URI string or {model, data, inputs, precision, calibration}."""
+    """Models as deployment parameters give them: a URI string or {model, data, inputs, precision, calibration,
+    batch}."""
     if isinstance(models, (str, dict)):
         models = [models]
     entries = []
@@ -83,6 +86,7 @@ def parse_models(models) -> list[ModelEntry]:
                     list(item.get("inputs") or []),
                     item.get("precision"),
                     item.get("calibration"),
+                    item.get("batch"),
                 )
             )
         else:
@@ -112,7 +116,7 @@ def model_exists(spec: str) -> str | None:
 
 
 def check_parameters(
-    device: str, models, budget: int, store: str, precision: str | None = None
+    device: str, models, budget: int, store: str, precision: str | None = None, batch: int | None = None
 ) -> tuple[DeviceProfile, list[ModelEntry]]:
     """Every problem with the run's parameters, as one error, before any tuning starts."""
     profile = get_device(device)  # unknown device: one-line error naming the known ones
@@ -123,6 +127,9 @@ def check_parameters(
         problems.append(f"no models given and none listed for {device!r} in the fleet file")
     if int(budget) < 0:
         problems.append(f"budget {budget} is negative; give the extra trials per model (0 = no tuning)")
+    for size in [batch, *(e.batch for e in entries)]:
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            problems.append(f"batch {size!r} is not a positive integer; give --batch 1 or more")
     for wanted in {precision, *(e.precision for e in entries)} - {None}:
         try:
             check_precision(str(wanted))
@@ -166,6 +173,24 @@ class LatestBuild:
     @property
     def library(self) -> Path:
         return self.folder / "model.so"
+
+    @property
+    def inputs(self) -> list[str]:
+        """Its input specs as published (`name:1x3x224x224:float32`); [] when not recorded."""
+        return list(self.manifest.get("inputs") or (self.report.inputs if self.report else []))
+
+
+def entry_batch(entry: ModelEntry, run_batch: int | None) -> int | None:
+    """The entry's own batch, else the run's (None: the model's dynamic batch dimension becomes 1)."""
+    return entry.batch if entry.batch is not None else run_batch
+
+
+def comparable(latest: LatestBuild | None, specs) -> LatestBuild | None:
+    """LATEST when it takes the same inputs as the rebuilt model (it can be measured on the same sample
+    and its tuning records apply), else None: e.g. a retune with another --batch than LATEST's."""
+    if latest is None or not latest.inputs:
+        return latest
+    return latest if latest.inputs == [str(s) for s in specs] else None
 
 
 def latest_build(store: str, model: str, device: str, dest: Path) -> LatestBuild | None:

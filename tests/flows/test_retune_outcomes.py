@@ -1,7 +1,7 @@
-"""`tvmflow retune` when it must not publish, on the real Prefect server (its events read back through
-the API) with real device workers and a local store: a rebuilt model slower than LATEST (kept,
-`tvmflow.build.regressed`, exit 0), a failed validation gate (exit 3) and an unreachable tracker
-(exit 4), each publishing nothing. Tiny budgets on tiny models keep each test short."""
+"""`tvmflow retune` outcomes on the real Prefect server (its events read back through the API) with real
+device workers and a local store: a rebuilt model slower than LATEST (kept, `tvmflow.build.regressed`,
+exit 0), a failed validation gate (exit 3) and an unreachable tracker (exit 4), each publishing
+nothing; and `--batch`, as compile's. Tiny budgets on tiny models keep each test short."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ import pytest
 
 from flows import cli
 from tasks import events
+from tasks import retune as retune_logic
 from tasks.devices.workers import free_port
+from tasks.errors import TvmflowError
 from tasks.importers.model_import import export_factory
 
 DATA = "bundled:mnist:16"
@@ -153,3 +155,73 @@ def test_a_retune_with_an_unreachable_tracker_exits_4_and_publishes_nothing(srv,
     assert _published(store) == []
     [event] = _events(srv, events.RETUNE_FAILED, "tvmflow.build.mnist_cnn.local", since)
     assert event["payload"]["failure"] == "unreachable"
+
+
+def test_batch_comes_from_the_entry_else_the_run_and_must_be_positive(tmp_path):
+    [own, plain] = retune_logic.parse_models([{"model": prefect_env.MNIST["model"], "batch": 4}, "x.onnx"])
+    assert retune_logic.entry_batch(own, 2) == 4 and retune_logic.entry_batch(plain, 2) == 2
+    assert retune_logic.entry_batch(plain, None) is None
+    with pytest.raises(TvmflowError, match="batch 0 is not a positive integer"):
+        retune_logic.check_parameters("local", [prefect_env.MNIST["model"]], 0, str(tmp_path), batch=0)
+    with pytest.raises(TvmflowError, match="batch -2 is not a positive integer"):
+        retune_logic.check_parameters("local", [{"model": prefect_env.MNIST["model"], "batch": -2}], 0, str(tmp_path))
+
+
+def _mnist_onnx_dynamic_batch(path: Path) -> Path:
+    """The bundled MNIST CNN as ONNX with a dynamic batch dimension (what --batch fixes)."""
+    import torch
+
+    from tasks.importers.bundled import mnist_cnn
+
+    module, example = mnist_cnn()
+    torch.onnx.export(
+        module.eval(),
+        example,
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+    )
+    return path
+
+
+def _pairs_npz(path: Path) -> Path:
+    """8 real digits as 4 samples of 2 images each (an npz: [N, *input shape], labels [N, 2])."""
+    import numpy as np
+
+    from tasks.importers.datasets import load_dataset
+    from tasks.importers.types import InputSpec
+
+    digits = load_dataset("bundled:mnist:8", [InputSpec("input", (1, 1, 28, 28), "float32")])
+    np.savez(
+        path, input=digits.inputs["input"].reshape(4, 2, 1, 28, 28), labels=np.asarray(digits.labels).reshape(4, 2)
+    )
+    return path
+
+
+def test_retune_with_another_batch_rebuilds_for_it(srv, tmp_path, capsys):
+    """LATEST takes one image; `retune --batch 2` builds and validates the model for two images a call
+    and publishes it: LATEST's latency is for other inputs, so it is not compared (the reason says so)."""
+    store, model = tmp_path / "store", _mnist_onnx_dynamic_batch(tmp_path / "digits.onnx")
+    common = ["--store", str(store), "--tracker", srv.tracker]
+    assert (
+        cli.main(
+            ["compile", "--quiet", "--model", str(model), "--data", DATA, "--trials", "0", "--no-untuned", *common]
+        )
+        == 0
+    )
+    base = store / "builds" / "digits" / "local"
+    before = (base / "LATEST").read_text()
+    capsys.readouterr()
+    pairs = _pairs_npz(tmp_path / "pairs.npz")
+    code, out, err = _retune(capsys, "--model", str(model), "--batch", "2", "--data", str(pairs), "--json", *common)
+    assert code == 0, err[-3000:]
+    [outcome] = json.loads(out.strip().splitlines()[-1])
+    assert outcome["status"] == "published" and outcome["latest_ms"] is None, outcome
+    assert f"LATEST {before} takes inputs input:1x1x28x28:float32: not compared" in outcome["reason"], outcome
+    assert (base / "LATEST").read_text() == outcome["build_id"] != before
+    manifest = json.loads((base / outcome["build_id"] / "manifest.json").read_text())
+    assert manifest["inputs"] == ["input:2x1x28x28:float32"]
+    assert manifest["validation"]["passed"] and manifest["validation"]["samples"] == 4
