@@ -56,17 +56,18 @@ def _restart_tracker(workers, down_s: float) -> threading.Thread:
 
 def test_tracker_restarted_mid_run_the_run_still_finishes(prefect_harness, tmp_path):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from tvm import rpc
 
     from tasks.devices.workers import start_local_workers, wait_for_servers
 
     key = "retry-test"
+    attempts = [0, 0]  # task bodies run in this process: counted here, not read back from Prefect's event stream
     workers = start_local_workers(key, 1, tmp_path / "workers")
     try:
         # a new tracker process takes 5-60 s to listen on a busy 2-core machine: room for that
         @task(name="on-device", **retry_policy.device(retries=6, delays_s=[3, 5, 10, 20, 30, 40], timeout_s=300))
         def on_device(i: int) -> bool:
+            attempts[i] += 1
             wait_for_servers(workers.host, workers.tracker_port, key, 1, timeout=5)  # Unreachable while down
             remote = rpc.connect_tracker(workers.host, workers.tracker_port).request(key, session_timeout=30)
             return bool(remote.cpu(0).exist)
@@ -82,18 +83,9 @@ def test_tracker_restarted_mid_run_the_run_still_finishes(prefect_harness, tmp_p
         state = measured(return_state=True)
         assert state.is_completed(), state
         assert state.result() == [True, True]
-        # task runs reach the API through Prefect's events worker, asynchronously: poll until both are in
-        deadline, counts = time.monotonic() + 60, []
-        while time.monotonic() < deadline:
-            with get_client(sync_client=True) as client:
-                runs = client.read_task_runs(
-                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-                )
-            counts = sorted(r.run_count for r in runs)
-            if len(counts) == 2 and counts[1] >= 2:
-                break
-            time.sleep(1)
-        assert len(counts) == 2 and counts[0] == 1 and counts[1] >= 2, counts  # one step retried, then finished
+        assert attempts[0] == 1 and attempts[1] >= 2, attempts  # one step retried, then finished
+        with get_client(sync_client=True) as client:  # the flow run itself is written over HTTP, not via events
+            assert client.read_flow_run(state.state_details.flow_run_id).state.is_completed()
     finally:
         workers.stop()
 
