@@ -68,8 +68,11 @@ def convert_layout(mod, layout: str):
         raise TvmflowError(f"layout {layout!r} is not supported: use one of {', '.join(LAYOUTS)}")
     if layout == "NCHW":
         return mod
+    from tasks.tuning.graph_rewrites import after_layout_conversion, before_layout_conversion
+
+    mod = before_layout_conversion(mod)
     mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
-    return relax.transform.FoldConstant()(mod)
+    return after_layout_conversion(relax.transform.FoldConstant()(mod))
 
 
 def prepare_for_tuning(
