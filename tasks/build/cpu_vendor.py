@@ -9,9 +9,14 @@ a matmul with a constant weight (and its bias), becomes one `call_dps_packed` to
 task, no TIR. Each rewritten layer gets an operator id so the per-operator pick-best
 (tasks.build.candidates.choose, `vendor_choices` below) can keep the library only where it wins.
 
-The library (and libdnnl's own dependencies: TBB, the Intel compiler runtime, SYCL and the
-OpenCL CPU runtime, ~300 MB: the PyPI build runs its CPU engine on SYCL) must be loaded into the process that runs the model: `load_library()` does it; a missing library is a
-one-line TvmflowError saying how to build it.
+The library must be loaded into the process that runs the model: `load_library()` does it here,
+and a library exported with `link_options()` pulls it in wherever it is loaded (an rpc server's
+process too); a missing library is a one-line TvmflowError saying how to build it.
+
+oneDNN is the PyPI `onednn-cpu-gomp` build (OpenMP threads; the `onednn` package's SYCL build
+needed ~300 MB of SYCL/OpenCL runtime). Its OpenMP threads must not spin between calls
+(OMP_WAIT_POLICY=PASSIVE, set before libgomp loads): spinning, they fight TVM's own thread pool
+for the cores and EfficientNet-Lite0 ran 180 ms instead of 15 ms on the 2-core VM.
 """
 
 from __future__ import annotations
@@ -35,22 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NATIVE_DIR = ROOT / "artifacts" / "native"  # scripts/build-cpu-contrib.sh writes here
 # backend -> (library file, packed-function prefix)
 BACKENDS = {"dnnl": ("libtvmflow_dnnl.so", "tvmflow.dnnl"), "cblas": ("libtvmflow_cblas.so", "tvmflow.cblas")}
-# The PyPI oneDNN is built for the SYCL CPU runtime: libdnnl.so.3 needs these (no RUNPATH of its
-# own), the OpenCL CPU runtime (libintelocl.so, which loads its compiler libcommon_clang) among them.
-DNNL_DEPS = (
-    "libintlc.so.5",
-    "libsvml.so",
-    "libimf.so",
-    "libirng.so",
-    "libhwloc.so.15",
-    "libtcm.so.1",
-    "libtbb.so.12",
-    "libtbbmalloc.so.2",
-    "libumf.so.1",
-    "libOpenCL.so.1",
-    "libsycl.so.9",
-    "libdnnl.so.3",
-)
+OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}  # see the module docstring; rpc servers get it too
 POST_OPS = {None: 0, "relu": 1, "relu6": 2}
 
 _LOADED: dict = {}
@@ -74,15 +64,12 @@ def _load_dnnl_runtime() -> None:
     libdir = dnnl_lib_dir()
     if libdir is None:
         raise TvmflowError(
-            "oneDNN is not installed: pip install 'tvmflow[onednn]' (or onednn onednn-devel), "
+            "oneDNN is not installed: pip install 'tvmflow[onednn]' (onednn-cpu-gomp, onednn-devel-cpu-gomp), "
             "or set TVMFLOW_DNNL_LIBDIR to the folder holding libdnnl.so.3"
         )
-    ocl = libdir / "libintelocl.so"
-    if ocl.exists():  # the SYCL CPU device: OpenCL's ICD loader reads this before its first call
-        os.environ.setdefault("OCL_ICD_FILENAMES", str(ocl))
-    for name in DNNL_DEPS:
-        if (libdir / name).exists():
-            ctypes.CDLL(str(libdir / name), mode=ctypes.RTLD_GLOBAL)
+    for name, value in OMP_ENV.items():  # libgomp reads it once, when it loads (with libdnnl)
+        os.environ.setdefault(name, value)
+    ctypes.CDLL(str(libdir / "libdnnl.so.3"), mode=ctypes.RTLD_GLOBAL)
 
 
 def load_library(backend: str = "dnnl") -> Path:
@@ -109,6 +96,13 @@ def load_library(backend: str = "dnnl") -> Path:
     ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
     _LOADED[backend] = lib
     return lib
+
+
+def link_options(backend: str = "dnnl") -> list[str]:
+    """Linker options for a model library whose externs call `backend`: loading that library
+    then loads ours (and registers the kernels) in any process, found by absolute rpath."""
+    lib = load_library(backend)
+    return [f"-L{lib.parent}", f"-l:{lib.name}", f"-Wl,-rpath,{lib.parent}"]
 
 
 def available(backend: str = "dnnl") -> bool:
@@ -401,7 +395,8 @@ def offload(mod, target=None, only: set | None = None, backend: str = "dnnl") ->
 
 # ---- per-operator pick-best: time each operator in a TIR build and in a vendor build
 def profile_calls(ex, x, rounds: int = 3) -> list[tuple[str, float, str]]:
-    """(kernel or extern name, median us, shape key) of every call of `main`, in call order. TVM 0.27's VM
+    """(kernel or extern name, median us, shape key) of every call of `main` on `x` (one input array
+    or a list of them), in call order. TVM 0.27's VM
     has no profiler: a VM instrument stamps the time around every call (as bench/compile_bench.py)."""
     import time
 
@@ -411,8 +406,8 @@ def profile_calls(ex, x, rounds: int = 3) -> list[tuple[str, float, str]]:
     from tvm.runtime.vm import VMInstrumentReturnKind
 
     vm = relax.VirtualMachine(ex, tvm.cpu())
-    arg = tvm.runtime.tensor(x)
-    vm["main"](arg)
+    args = [tvm.runtime.tensor(a) for a in (x if isinstance(x, (list, tuple)) else [x])]
+    vm["main"](*args)
     calls: list = []
     stamp: dict = {}
 
@@ -429,7 +424,7 @@ def profile_calls(ex, x, rounds: int = 3) -> list[tuple[str, float, str]]:
     per_round = []
     for _ in range(rounds):
         calls.clear()
-        vm["main"](arg)
+        vm["main"](*args)
         per_round.append(list(calls))
     keep = [c for c in per_round[0] if not c[0].startswith("vm.builtin")]
     rows = [[c for c in r if not c[0].startswith("vm.builtin")] for r in per_round]
