@@ -56,7 +56,9 @@ from tasks.storage import cache
 from tasks.tuning.extract import (
     TuningTask,
     allocate_trials,
+    convert_layout,
     extract_tasks,
+    fold_batchnorm,
     prepare_for_tuning,
 )
 from tasks.tuning.pick_best import DB_FILES, has_db, merge_databases
@@ -81,8 +83,12 @@ def import_prepared(
     refresh: bool = False,
     batch: int | None = None,
 ):
-    """(prepared IRModule, input specs, cache key, cache hit?, importer notes) of the model as
-    imported (fp32 or QDQ), its dynamic batch dimension fixed to `batch` (None: 1)."""
+    """(prepared IRModule, input specs, cache key, cache hit?, importer notes, graph) of the model as
+    imported (fp32 or QDQ), its dynamic batch dimension fixed to `batch` (None: 1). `graph`: the
+    module before lowering, kept where the build picks per operator between oneDNN and TVM
+    (tasks.build.cpu_pick_best: this host's x86 CPU, in NHWC), else None."""
+    from tasks.build.cpu_pick_best import library_here, preferred_layout
+
     key = cache.stage_key("import", device.target_key(), source.sha256, [str(s) for s in inputs or []], batch)
     hit = cache.lookup("import", key, refresh)
     if hit:
@@ -90,15 +96,22 @@ def import_prepared(
             InputSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in json.loads((hit / "inputs.json").read_text())
         ]
         notes = json.loads((hit / "notes.json").read_text()) if (hit / "notes.json").exists() else []
-        return tvm.ir.load_json((hit / "prepared.json").read_text()), specs, key, True, notes
+        graph_file = hit / "graph.json"
+        graph = tvm.ir.load_json(graph_file.read_text()) if graph_file.exists() else None
+        return tvm.ir.load_json((hit / "prepared.json").read_text()), specs, key, True, notes, graph
     imported = import_model(source.path, inputs, batch=batch)
-    prepared = prepare_for_tuning(imported.mod, device.tvm_target())
+    graph = convert_layout(fold_batchnorm(imported.mod), preferred_layout(device))
+    prepared = prepare_for_tuning(graph, device.tvm_target())
+    if not library_here(device):
+        graph = None
     with cache.CacheEntry("import", key) as entry:
         (entry.path / "prepared.json").write_text(tvm.ir.save_json(prepared))
+        if graph is not None:
+            (entry.path / "graph.json").write_text(tvm.ir.save_json(graph))
         (entry.path / "inputs.json").write_text(json.dumps([s.__dict__ for s in imported.inputs]))
         (entry.path / "notes.json").write_text(json.dumps(list(imported.notes)))
         entry.commit()
-    return prepared, imported.inputs, key, False, list(imported.notes)
+    return prepared, imported.inputs, key, False, list(imported.notes), graph
 
 
 def import_stage(
@@ -113,9 +126,18 @@ def import_stage(
     is the one asked for: a pre-quantized model turns it into int8 (tasks/precision/qdq.py).
     `batch` fixes a dynamic batch dimension (None: 1)."""
     inputs = list(inputs or [])
-    mod, specs, key, hit, notes = import_prepared(source, device, inputs, refresh, batch)
+    mod, specs, key, hit, notes, graph = import_prepared(source, device, inputs, refresh, batch)
     prepared = PreparedModel(
-        source, mod, specs, key, precision, inputs, cache_hits=["import"] if hit else [], batch=batch, notes=notes
+        source,
+        mod,
+        specs,
+        key,
+        precision,
+        inputs,
+        cache_hits=["import"] if hit else [],
+        batch=batch,
+        notes=notes,
+        graph=graph,
     )
     prequantized = prequantized_info(mod)
     prepared.precision = effective_precision(precision, prequantized)
@@ -148,6 +170,7 @@ def precision_stage(
     return replace(
         prepared,
         mod=lowered.prepared,
+        graph=None,  # the fp32 graph no longer describes the module: no oneDNN pick-best
         key=lowered.key,
         precision_info=lowered.info,
         converted=lowered.converted,
@@ -252,13 +275,14 @@ def build(
     prepared: PreparedModel, device: DeviceProfile, db_dir: Path | None, records: int = 0, refresh: bool = False
 ) -> Build:
     """The exported library for this module + database + target, cached by their content
-    (with the per-operator backend choices of a GPU build, choices.json)."""
+    (with the per-operator backend choices of a GPU or x86-host build, choices.json)."""
     from tasks.build.candidates import OperatorChoice
     from tasks.build.compile import build_library, export_library
 
     digest = db_digest(db_dir) if records else None
     gpu = gpu_build_here(device)
-    parts = [prepared.key, digest or "untuned", device.cross_compiler] + (["gpu-pick-best"] if gpu else [])
+    pick = ["gpu-pick-best"] if gpu else ["cpu-pick-best"] if prepared.graph is not None else []
+    parts = [prepared.key, digest or "untuned", device.cross_compiler] + pick
     key = cache.stage_key("build", device.target_key(), *parts)
     hit = cache.lookup("build", key, refresh)
     if hit:
@@ -281,6 +305,16 @@ def build(
                 log=run_logger().info,
             )
             export_library(executable, device, entry.path / "model.so")
+            (entry.path / "choices.json").write_text(json.dumps([c.to_json() for c in choices]))
+        elif prepared.graph is not None:  # this host's x86 CPU: oneDNN or TVM, per operator
+            from tasks.build.cpu_pick_best import VENDOR, compile_cpu
+            from tasks.build.cpu_vendor import link_options
+
+            executable, choices, uses_library = compile_cpu(
+                prepared.mod, prepared.graph, prepared.specs, device, db_dir if digest else None, run_logger().info
+            )
+            options = link_options(VENDOR) if uses_library else None
+            export_library(executable, device, entry.path / "model.so", options=options)
             (entry.path / "choices.json").write_text(json.dumps([c.to_json() for c in choices]))
         else:
             build_library(prepared.mod, device, db_dir if digest else None, entry.path / "model.so")

@@ -52,6 +52,7 @@ class PreparedModel:
     cache_hits: list[str] = field(default_factory=list)  # "import", "precision"
     batch: int | None = None  # --batch: the dynamic batch dimension fixed at import (None: 1)
     notes: list[str] = field(default_factory=list)  # what the importer changed (batch, folding)
+    graph: Any = None  # fp32 module before lowering (BN folded, device layout): the CPU pick-best's input
 
     @property
     def input_names(self) -> list[str]:

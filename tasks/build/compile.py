@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from tasks.devices.profiles import DeviceProfile
@@ -28,16 +31,33 @@ def compile_module(prepared_mod, device: DeviceProfile, db_dir: str | Path | Non
         return ms.relax_integration.compile_relax(database, scheduled, target, params=None)
 
 
-def export_library(executable, device: DeviceProfile, out_path: str | Path) -> Path:
-    """Write the shared library (weights embedded), through the device's cross compiler."""
+def export_library(executable, device: DeviceProfile, out_path: str | Path, options: list[str] | None = None) -> Path:
+    """Write the shared library (weights embedded), through the device's cross compiler;
+    `options`: extra linker options (a vendor kernel library the model calls)."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fcompile = device.export_compiler()
-    if fcompile is None:
-        executable.export_library(str(out_path))
-    else:
-        executable.export_library(str(out_path), fcompile=fcompile)
+    extra = {"options": options} if options else {}
+    with native_stderr_muted():  # TVM warns once per constant it saves ("Scope Saving"), thousands of lines
+        if fcompile is None:
+            executable.export_library(str(out_path), **extra)
+        else:
+            executable.export_library(str(out_path), fcompile=fcompile, **extra)
     return out_path
+
+
+@contextmanager
+def native_stderr_muted():
+    """C++ log lines to fd 2 dropped for the block (Python exceptions still carry the errors)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def build_library(prepared_mod, device: DeviceProfile, db_dir, out_path) -> Path:

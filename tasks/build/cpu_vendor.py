@@ -102,7 +102,8 @@ def link_options(backend: str = "dnnl") -> list[str]:
     """Linker options for a model library whose externs call `backend`: loading that library
     then loads ours (and registers the kernels) in any process, found by absolute rpath."""
     lib = load_library(backend)
-    return [f"-L{lib.parent}", f"-l:{lib.name}", f"-Wl,-rpath,{lib.parent}"]
+    # --no-as-needed: the model references no symbol of ours (externs are looked up by name at run time)
+    return [f"-L{lib.parent}", "-Wl,--no-as-needed", f"-l:{lib.name}", f"-Wl,-rpath,{lib.parent}"]
 
 
 def available(backend: str = "dnnl") -> bool:

@@ -34,11 +34,12 @@ CACHE_ROOT = Path(os.environ.get("TVMFLOW_CACHE", Path.home() / ".cache" / "tvmf
 SCHEMA: dict[str, int] = {
     # import 1: fixpoint fusion, 2: QDQ models imported as real int8 (tasks/precision/qdq.py),
     # 4: prepare_for_tuning folds batch norm; ONNX import folds shape arithmetic, fixes the dynamic batch
-    "import": 4,
+    # 5: NHWC on this host's x86 CPU, the unlowered graph kept (graph.json) for the CPU pick-best
+    "import": 5,
     "precision": 4,  # 3: the same import and batch-norm folding (it imports on its own); 4: calibration URI in info
     # build, untuned-latency: keyed by the prepared model's import / precision key, so they miss with them
     "tune": 2,
-    "build": 2,
+    "build": 3,  # 3: oneDNN per-operator pick-best on this host's x86 CPU
     "untuned-latency": 1,
     "value": 1,
 }
