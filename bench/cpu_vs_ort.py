@@ -43,8 +43,15 @@ def say(*args):
 
 
 def set_threads(n: int) -> None:
-    """TVM's pool (and so the BLAS kernels, which run on it) to n threads; onnxruntime gets its own."""
+    """TVM's pool (and so the BLAS kernels, which run on it) and oneDNN's OpenMP threads (this
+    thread's setting: the VM calls the kernels from it) to n; onnxruntime gets its own."""
+    import ctypes
+
     tvm.get_global_func("runtime.config_threadpool")(1, n)
+    try:
+        ctypes.CDLL("libgomp.so.1").omp_set_num_threads(n)
+    except OSError:
+        pass  # no OpenMP runtime: no oneDNN kernels either
 
 
 def median_ms(fn, repeat: int = 20, warmup: int = 3) -> float:
@@ -56,6 +63,30 @@ def median_ms(fn, repeat: int = 20, warmup: int = 3) -> float:
         fn()
         times.append(1000 * (time.perf_counter() - t))
     return float(np.median(times))
+
+
+def side_by_side_ms(fn_a, fn_b, repeat: int = 30, warmup: int = 3) -> tuple[float, float]:
+    """Medians of a and b called alternately: on a shared machine both see the same load, so
+    their ratio holds even when the absolute times drift."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    times_a, times_b = [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn_a()
+        times_a.append(1000 * (time.perf_counter() - t))
+        t = time.perf_counter()
+        fn_b()
+        times_b.append(1000 * (time.perf_counter() - t))
+    return float(np.median(times_a)), float(np.median(times_b))
+
+
+def tvm_call(ex, x: np.ndarray):
+    """One call of the model's main on `x` (a closure for side_by_side_ms)."""
+    vm = vm_of(ex)
+    arg = tvm.runtime.tensor(x)
+    return lambda: vm["main"](arg)
 
 
 # ---------------------------------------------------------------- onnxruntime
@@ -136,10 +167,10 @@ def run_model(name: str, args, device, workers, details: dict, rows: list, flush
     # onnxruntime
     onnx32 = export_onnx(model, x, work / "fp32.onnx")
     onnx8 = quantize_static_qdq(onnx32, Dataset({"x": calib}), work / "int8.onnx")
-    ort = {}
+    ort, sessions = {}, {}
     for prec, path in (("fp32", onnx32), ("int8", onnx8)):
         for t in thread_set:
-            sess = ort_session(path, t)
+            sess = sessions[(prec, t)] = ort_session(path, t)
             ort[(prec, t)] = median_ms(lambda: sess.run(None, {"x": x}), args.repeat)  # noqa: B023
             if prec == "fp32":
                 d["ort_fp32_err"] = float(np.abs(sess.run(None, {"x": x})[0] - ref).max())
@@ -246,7 +277,7 @@ def run_model(name: str, args, device, workers, details: dict, rows: list, flush
     # int8: BN folded first, then calibrated and quantized (tasks.precision), built like fp32
     target = device.tvm_target()
     fmod = fold_batchnorm(mod)
-    ranges = calibrate(fmod, Dataset({"x": calib}), "percentile")
+    ranges = calibrate(fmod, Dataset({mod["main"].params[0].name_hint: calib}), "percentile")
     qmod, _ = quantize_model(fmod, ranges, QuantConfig(reduce_range=weights_need_7_bits(target)))
     int8 = {}
     for budget in args.budgets if args.int8_tuned else [0]:
@@ -275,39 +306,30 @@ def run_model(name: str, args, device, workers, details: dict, rows: list, flush
         d.setdefault("int8", {})[str(budget)] = {"ms": int8[budget][0], "top1_same_as_torch": top1}
         say(name, f"int8 {budget}", int8[budget][0])
 
-    # rows: every thread count, the best build of each budget
+    # rows: every thread count, the best build of each budget, each timed alternately with ORT
     cpu = tvm.target.codegen.llvm_get_system_cpu()
     for t in thread_set:
         set_threads(t)
-        for budget, (_, ex) in picks.items():
+        builds = [("fp32", b, ex, tune_s[b]) for b, (_, ex) in picks.items()]
+        builds += [("int8", b, qex, ts) for b, (_, qex, ts) in int8.items()]
+        for precision, budget, ex, ts in builds:
+            sess = sessions[(precision, t)]
+            ort_ms, tvm_ms_ = side_by_side_ms(lambda: sess.run(None, {"x": x}), tvm_call(ex, x), args.repeat)  # noqa: B023
             rows.append(
                 {
                     "model": name,
-                    "precision": "fp32",
+                    "precision": precision,
                     "threads": t,
                     "trials": budget,
-                    "tvmflow_ms": round(tvm_ms(ex, x, args.repeat), 4),
-                    "ort_ms": round(ort[("fp32", t)], 4),
-                    "tune_s": tune_s[budget],
-                    "cpu": cpu,
-                    "cores": os.cpu_count(),
-                }
-            )
-        for budget, (_, qex, ts) in int8.items():
-            rows.append(
-                {
-                    "model": name,
-                    "precision": "int8",
-                    "threads": t,
-                    "trials": budget,
-                    "tvmflow_ms": round(tvm_ms(qex, x, args.repeat), 4),
-                    "ort_ms": round(ort[("int8", t)], 4),
+                    "tvmflow_ms": round(tvm_ms_, 4),
+                    "ort_ms": round(ort_ms, 4),
                     "tune_s": ts,
                     "cpu": cpu,
                     "cores": os.cpu_count(),
                 }
             )
-        say(name, "rows", rows[-len(picks) - len(int8) :])
+        say(name, "rows", rows[-len(builds) :])
+        flush()
     set_threads(cores)
 
 

@@ -140,7 +140,7 @@ class LocalWorkers:
 
     def add_server(self, gpu: str | None = None) -> int:
         """Start one rpc server; `gpu` pins it to that GPU (CUDA_VISIBLE_DEVICES)."""
-        env = {"TVM_NUM_THREADS": str(self.threads)} if self.threads else {}
+        env = {"TVM_NUM_THREADS": str(self.threads), "OMP_NUM_THREADS": str(self.threads)} if self.threads else {}
         env["OMP_WAIT_POLICY"] = "PASSIVE"  # oneDNN's OpenMP threads must not spin (tasks/build/cpu_vendor.py)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(gpu)
