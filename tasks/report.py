@@ -192,8 +192,37 @@ def write_report_files(report: BuildReport, folder: Path) -> dict[str, Path]:
     return files
 
 
+CURVE_INLINE_MAX = 1_000_000  # bytes of PNG shown inline in the UI; a bigger one is only linked
+
+
+def tuning_curve_markdown(report: BuildReport) -> str | None:
+    """The tuning curve as a markdown artifact: the PNG inline (a data: URI, so the UI shows it without
+    reaching the store), and where the published file is. None when nothing was searched in this run."""
+    import base64
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tvmflow-curve-") as tmp:
+        png = write_tuning_curve(report.tuning, Path(tmp) / "tuning_curve.png", f"{report.model} on {report.device}")
+        data = png.read_bytes() if png is not None else b""
+    if not data:
+        return None
+    where = f"\n\nPublished as {report.build_uri}/tuning_curve.png\n" if report.build_uri else "\n"
+    picture = (
+        f"![tuning curve](data:image/png;base64,{base64.b64encode(data).decode()})"
+        if len(data) <= CURVE_INLINE_MAX
+        else f"(the picture is {len(data) // 1000} kB: open the published file)"
+    )
+    return (
+        f"# Tuning curve: {report.model} on {report.device}\n\n"
+        "Best latency of each task searched in this run, against trials (left) and seconds of search (right).\n\n"
+        + picture
+        + where
+    )
+
+
 def publish_artifacts(report: BuildReport) -> None:
-    """The report and the per-layer time table as markdown artifacts, latency and tuning tables as table artifacts."""
+    """The report, the tuning curve and the per-layer time table as markdown artifacts, latency and tuning
+    tables as table artifacts."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     key = "".join(c if c.isalnum() else "-" for c in f"{report.model}-{report.device}").lower()
@@ -207,5 +236,8 @@ def publish_artifacts(report: BuildReport) -> None:
         create_markdown_artifact(
             markdown=layer_times_markdown(report), key=f"{key}-layer-times", description="per-layer time"
         )
+    curve = tuning_curve_markdown(report)
+    if curve:
+        create_markdown_artifact(markdown=curve, key=f"{key}-tuning-curve", description="tuning curve")
     create_table_artifact(table=latency_rows(report), key=f"{key}-latency", description="latency (ms)")
     create_table_artifact(table=tuning_rows(report.tuning), key=f"{key}-tuning", description="tuning tasks")

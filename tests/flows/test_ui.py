@@ -1,6 +1,7 @@
 """Real-browser check: headless Debian Chromium loads the Prefect UI page of the finished compile
 run, its Artifacts tab is clicked, and the tab shows the tvmflow report. Driven over the Chrome
 DevTools Protocol (the browser's own remote-debugging websocket), so no chromedriver is needed.
+A second, tuned run's tuning-curve artifact page shows the curve itself (an inline PNG).
 With TVMFLOW_UI_SCREENSHOT=1 the screenshots are copied to docs/ (they are committed)."""
 
 from __future__ import annotations
@@ -123,6 +124,9 @@ def test_flow_run_artifacts_tab_shows_the_report(tmp_path):
     # the progress artifact the stages kept up to date (tasks.progress), finished at 100 %
     progress = [a for a in srv.artifacts(run["id"]) if a["type"] == "progress"]
     assert [(a["key"], a["data"]) for a in progress] == [("mnist-cnn-local-progress", 100.0)], progress
+    # the per-layer time table of the validated build is an artifact of the run too
+    layers = next(a for a in srv.artifacts(run["id"]) if a["key"] == "mnist-cnn-local-layer-times")
+    assert "| 1 | `" in layers["data"] and "this host's CPU" in layers["data"]
     browser = Browser()
     try:
         browser.call("Page.enable")
@@ -158,3 +162,38 @@ def test_flow_run_artifacts_tab_shows_the_report(tmp_path):
         shutil.copy(shot, docs / "ui-artifacts.png")
         shutil.copy(report_shot, docs / "ui-report.png")
         shutil.copy(progress_shot, docs / "ui-progress.png")
+
+
+def test_tuning_curve_of_a_finished_run_shows_in_the_ui(tmp_path):
+    """A compile deployment run that searched (112 trials over the MNIST CNN's 6 tunable tasks, 16 a round: the heaviest gets two rounds): its
+    tuning curve is an artifact whose page shows the picture, and tuning_curve.png is in the build."""
+    srv = prefect_env.server()
+    store = tmp_path / "store"
+    params = {**prefect_env.compile_parameters(srv, str(store)), "trials": 112}
+    run = srv.wait_run(srv.run_deployment("tvmflow-compile", "compile-local", params), timeout=1800)
+    assert run["state"]["type"] == "COMPLETED", (run["state"], (srv.home / "worker.log").read_text()[-3000:])
+    curve = next(a for a in srv.artifacts(run["id"]) if a["key"] == "mnist-cnn-local-tuning-curve")
+    inline = curve["data"].split("data:image/png;base64,", 1)[1].split(")", 1)[0]
+    assert base64.b64decode(inline)[:8] == b"\x89PNG\r\n\x1a\n"
+    [published] = (store / "builds" / "mnist_cnn" / "local").glob("*/tuning_curve.png")
+    assert f"{published.parent.name}/tuning_curve.png" in curve["data"]
+    report = json.loads((published.parent / "report.json").read_text())
+    assert max(len(t["curve"] or []) for t in report["tuning"]) >= 2  # a task searched over several rounds
+    browser = Browser()
+    try:
+        browser.call("Page.enable")
+        browser.goto(f"{srv.url}/artifacts/artifact/{curve['id']}")
+        browser.wait_text("Tuning curve: mnist_cnn on local", "seconds of search")
+        deadline = time.monotonic() + 60
+        while not browser.js(
+            "[...document.images].some(i => i.src.startsWith('data:image/png') && i.naturalWidth > 500)"
+        ):
+            assert time.monotonic() < deadline, "the tuning curve picture never rendered"
+            time.sleep(0.5)
+        shot = tmp_path / "ui-tuning-curve.png"
+        browser.screenshot(shot)
+        assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        browser.close()
+    if os.environ.get("TVMFLOW_UI_SCREENSHOT"):
+        shutil.copy(shot, Path(__file__).resolve().parent.parent.parent / "docs" / "ui-tuning-curve.png")
