@@ -30,6 +30,7 @@ import tvm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import tasks as _tasks  # noqa: E402,F401 - sets OMP_WAIT_POLICY before set_threads loads libgomp
 
 FACTORIES = {
     "resnet18": "tasks.importers.bundled:resnet18",

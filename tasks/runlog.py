@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
+from contextlib import contextmanager
 
 log = logging.getLogger("tvmflow")
 
@@ -16,3 +19,19 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
         return get_run_logger()
     except MissingContextError:
         return log
+
+
+@contextmanager
+def native_stderr_muted():
+    """C++ log lines to fd 2 dropped for the block (Python exceptions still carry the errors): TVM
+    0.27 warns once per VM constant it saves or loads ("Scope Saving" / "Scope Loaded"), thousands
+    of lines for a model whose weights feed vendor kernels."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -91,10 +91,21 @@ def choices_table(choices: list[OperatorChoice]) -> str:
         cells = []
         for b in backends:
             cand = next((c for c in ch.candidates if c.backend == b), None)
-            text = "–" if cand is None else (f"{cand.ms:.4f}" if cand.usable else "failed")
+            text = "–" if cand is None else (f"{cand.ms:.4f}" if cand.usable else _why_not(cand))
             cells.append(f"**{text}**" if b == ch.chosen and cand is not None and cand.usable else text)
         lines.append(f"| {ch.operator} | " + " | ".join(cells) + f" | {ch.chosen} |")
     return "\n".join(lines) + "\n"
+
+
+def _why_not(cand: Candidate) -> str:
+    """A table cell for a candidate without a time: missing on purpose, or failed."""
+    return (
+        "no record"
+        if cand.error == "no tuning record"
+        else "not offloaded"
+        if "not offloaded" in (cand.error or "")
+        else "failed"
+    )
 
 
 def choices_summary(choices: list[OperatorChoice]) -> dict:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 from tasks.devices.profiles import DeviceProfile
+from tasks.runlog import native_stderr_muted
 
 
 def compile_module(prepared_mod, device: DeviceProfile, db_dir: str | Path | None):
@@ -44,20 +42,6 @@ def export_library(executable, device: DeviceProfile, out_path: str | Path, opti
         else:
             executable.export_library(str(out_path), fcompile=fcompile, **extra)
     return out_path
-
-
-@contextmanager
-def native_stderr_muted():
-    """C++ log lines to fd 2 dropped for the block (Python exceptions still carry the errors)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def build_library(prepared_mod, device: DeviceProfile, db_dir, out_path) -> Path:

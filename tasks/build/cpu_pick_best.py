@@ -71,6 +71,7 @@ def compile_cpu(
     from tasks.tuning.extract import prepare_for_tuning
 
     target = device.tvm_target()
+    cpu_vendor.load_library(VENDOR)  # the race runs both builds in this process (an import cache hit loaded nothing)
     tir = compile_module(prepared_mod, device, db_dir)
     offloaded = cpu_vendor.offload(graph, target, backend=VENDOR)
     if not offloaded.ops:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.runlog import native_stderr_muted
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -87,7 +89,8 @@ def profile_layers(
     from tvm import relax
 
     dev = tvm.cpu()
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), dev)
+    with native_stderr_muted():
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), dev)
     inputs = [tvm.runtime.tensor(np.ascontiguousarray(sample[n]), dev) for n in input_names]
     run: list[list] = []  # this run's calls: [name, start ns, elapsed ns, shapes]
     stack: list[list] = []

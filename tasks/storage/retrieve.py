@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.errors import TvmflowError
+from tasks.runlog import native_stderr_muted
 from tasks.storage.publish import build_prefix, join, safe_segment, store_fs, uri_of
 from tasks.storage.store import check_store, clean_uri, store_error
 
@@ -297,6 +298,7 @@ def load_build(
     library = next((n for n in manifest["files"] if n.endswith(".so")), None)
     if library is None:
         raise TvmflowError(f"build {build_id!r} has no library (.so) to load")
-    module = tvm.runtime.load_module(str(folder / library))
+    with native_stderr_muted():
+        module = tvm.runtime.load_module(str(folder / library))
     device_ = tvm.device(dev, 0)
     return LoadedBuild(folder, build_id, manifest, module, relax.VirtualMachine(module, device_), device_)
