@@ -178,7 +178,8 @@ def run_model(name: str, args, device, workers, details: dict, rows: list, flush
     say(name, "ort", {f"{p} {t}T": round(v, 3) for (p, t), v in ort.items()})
     d["ort_ms"] = {f"{p}_{t}T": v for (p, t), v in ort.items()}
 
-    mod = import_pt2(export_factory(factory, work / "model.pt2")).mod
+    imported = import_pt2(export_factory(factory, work / "model.pt2"))
+    mod, input_name = imported.mod, imported.inputs[0].name
     set_threads(cores)
 
     def variant(label, **prep):
@@ -278,7 +279,7 @@ def run_model(name: str, args, device, workers, details: dict, rows: list, flush
     # int8: BN folded first, then calibrated and quantized (tasks.precision), built like fp32
     target = device.tvm_target()
     fmod = fold_batchnorm(mod)
-    ranges = calibrate(fmod, Dataset({mod["main"].params[0].name_hint: calib}), "percentile")
+    ranges = calibrate(fmod, Dataset({input_name: calib}), "percentile")
     qmod, _ = quantize_model(fmod, ranges, QuantConfig(reduce_range=weights_need_7_bits(target)))
     int8 = {}
     for budget in args.budgets if args.int8_tuned else [0]:
