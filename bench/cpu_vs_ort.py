@@ -66,20 +66,19 @@ def median_ms(fn, repeat: int = 20, warmup: int = 3) -> float:
     return float(np.median(times))
 
 
-def side_by_side_ms(fn_a, fn_b, repeat: int = 30, warmup: int = 3) -> tuple[float, float]:
-    """Medians of a and b called alternately: on a shared machine both see the same load, so
-    their ratio holds even when the absolute times drift."""
-    for _ in range(warmup):
-        fn_a()
-        fn_b()
+def side_by_side_ms(fn_a, fn_b, repeat: int = 30, block: int = 10, settle: int = 2) -> tuple[float, float]:
+    """Medians of a and b run in alternating blocks (a x block, b x block, ...), the first `settle`
+    calls of each block not counted: both see the same load drift on a shared machine, and neither
+    is timed while the other's threads still spin (onnxruntime's pool spins after a run; timed
+    call-by-call on 2 cores, that cost oneDNN 2x)."""
     times_a, times_b = [], []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn_a()
-        times_a.append(1000 * (time.perf_counter() - t))
-        t = time.perf_counter()
-        fn_b()
-        times_b.append(1000 * (time.perf_counter() - t))
+    while len(times_a) < repeat:
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            for i in range(block):
+                t = time.perf_counter()
+                fn()
+                if i >= settle:
+                    times.append(1000 * (time.perf_counter() - t))
     return float(np.median(times_a)), float(np.median(times_b))
 
 
