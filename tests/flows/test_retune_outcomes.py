@@ -6,7 +6,10 @@ nothing; and `--batch`, as compile's. Tiny budgets on tiny models keep each test
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,7 +17,6 @@ from pathlib import Path
 import prefect_env
 import pytest
 
-from flows import cli
 from tasks import events
 from tasks import retune as retune_logic
 from tasks.devices.workers import free_port
@@ -24,14 +26,31 @@ from tasks.importers.model_import import export_factory
 DATA = "bundled:mnist:16"
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
 @pytest.fixture
 def srv():
-    """The process-wide Prefect server; the CLI in this process talks to it while the test runs."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    """The process-wide Prefect server; the CLI runs as its own process against it, as a user runs it.
 
-    server = prefect_env.server()
-    with temporary_settings(updates={PREFECT_API_URL: server.api}):
-        yield server
+    Not in this process: Prefect's slot-acquisition service is one per process, bound to the first API
+    it served (the test harness's), while releases go to the API of the current settings; a CLI run here
+    against another server left the harness's device slots held and the next run waited on them."""
+    return prefect_env.server()
+
+
+def _cli(srv, *args: str) -> tuple[int, str, str]:
+    """`tvmflow *args` in a fresh process talking to `srv` (exit code, stdout, stderr)."""
+    env = {**os.environ, "PREFECT_API_URL": srv.api, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "tvmflow"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    return done.returncode, done.stdout, done.stderr
 
 
 def _now() -> str:
@@ -59,10 +78,8 @@ def _events(srv, name: str, resource_id: str, since: str, timeout: float = 60) -
         time.sleep(1)
 
 
-def _retune(capsys, *args: str) -> tuple[int, str, str]:
-    code = cli.main(["retune", "--quiet", "--budget", "0", "--data", DATA, "--worker-timeout", "10", *args])
-    out, err = capsys.readouterr()
-    return code, out, err
+def _retune(srv, *args: str) -> tuple[int, str, str]:
+    return _cli(srv, "retune", "--quiet", "--budget", "0", "--data", DATA, "--worker-timeout", "10", *args)
 
 
 def _error_line_last(err: str) -> str:
@@ -85,26 +102,23 @@ def _published(store: Path) -> list[Path]:
     )
 
 
-def test_a_retune_slower_than_latest_is_kept_and_emits_regressed(srv, tmp_path, mnist_pt2, capsys):
+def test_a_retune_slower_than_latest_is_kept_and_emits_regressed(srv, tmp_path, mnist_pt2):
     """LATEST of `digits.pt2` is a one-layer classifier; then the file is replaced by the MNIST CNN (a
     retrained, bigger model at the same URI). The nightly rebuild validates but is slower than LATEST
     measured in the same run: LATEST stays, no build folder is added, the regression is an event."""
     store, model = tmp_path / "store", tmp_path / "digits.pt2"
     export_factory("tests.flow_models:linear_digits", model)
     common = ["--store", str(store), "--tracker", srv.tracker]
-    assert (
-        cli.main(
-            ["compile", "--quiet", "--model", str(model), "--data", DATA, "--trials", "0", "--no-untuned", *common]
-        )
-        == 0
+    code, _, err = _cli(
+        srv, "compile", "--quiet", "--model", str(model), "--data", DATA, "--trials", "0", "--no-untuned", *common
     )
+    assert code == 0, err[-3000:]
     base = store / "builds" / "digits" / "local"
     before, builds = (base / "LATEST").read_text(), sorted(p.name for p in base.iterdir())
-    capsys.readouterr()
     since = _now()  # after the compile's own `published` event
     shutil.copyfile(mnist_pt2, model)
     # --refresh: rebuild and validate now although there is no extra budget to tune with
-    code, out, err = _retune(capsys, "--model", str(model), "--refresh", "--json", *common)
+    code, out, err = _retune(srv, "--model", str(model), "--refresh", "--json", *common)
     assert code == 0, err[-3000:]
     [outcome] = json.loads(out.strip().splitlines()[-1])
     assert outcome["status"] == "kept" and outcome["latest_build"] == before, outcome
@@ -119,12 +133,12 @@ def test_a_retune_slower_than_latest_is_kept_and_emits_regressed(srv, tmp_path, 
     assert not _events(srv, events.PUBLISHED, "tvmflow.build.digits.local", since, timeout=0)
 
 
-def test_a_retune_whose_gate_fails_exits_3_and_publishes_nothing(srv, tmp_path, capsys):
+def test_a_retune_whose_gate_fails_exits_3_and_publishes_nothing(srv, tmp_path):
     """A model left in training mode (torch runs its dropout, the build does not) fails validation."""
     store = tmp_path / "store"
     since = _now()
     code, out, err = _retune(
-        capsys, "--model", "tests.flow_models:train_mode_dropout", "--store", str(store), "--tracker", srv.tracker
+        srv, "--model", "tests.flow_models:train_mode_dropout", "--store", str(store), "--tracker", srv.tracker
     )
     assert code == 3, err[-3000:]
     line = _error_line_last(err)
@@ -134,12 +148,12 @@ def test_a_retune_whose_gate_fails_exits_3_and_publishes_nothing(srv, tmp_path, 
     assert event["payload"]["failure"] == "gate" and "validation failed" in event["payload"]["reason"]
 
 
-def test_a_retune_with_an_unreachable_tracker_exits_4_and_publishes_nothing(srv, tmp_path, capsys):
+def test_a_retune_with_an_unreachable_tracker_exits_4_and_publishes_nothing(srv, tmp_path):
     """Nobody listens on the tracker's port: the model fails before its first measurement."""
     store, port = tmp_path / "store", free_port()
     since = _now()
     code, out, err = _retune(
-        capsys,
+        srv,
         "--model",
         prefect_env.MNIST["model"],
         "--budget",
@@ -201,22 +215,19 @@ def _pairs_npz(path: Path) -> Path:
     return path
 
 
-def test_retune_with_another_batch_rebuilds_for_it(srv, tmp_path, capsys):
+def test_retune_with_another_batch_rebuilds_for_it(srv, tmp_path):
     """LATEST takes one image; `retune --batch 2` builds and validates the model for two images a call
     and publishes it: LATEST's latency is for other inputs, so it is not compared (the reason says so)."""
     store, model = tmp_path / "store", _mnist_onnx_dynamic_batch(tmp_path / "digits.onnx")
     common = ["--store", str(store), "--tracker", srv.tracker]
-    assert (
-        cli.main(
-            ["compile", "--quiet", "--model", str(model), "--data", DATA, "--trials", "0", "--no-untuned", *common]
-        )
-        == 0
+    code, _, err = _cli(
+        srv, "compile", "--quiet", "--model", str(model), "--data", DATA, "--trials", "0", "--no-untuned", *common
     )
+    assert code == 0, err[-3000:]
     base = store / "builds" / "digits" / "local"
     before = (base / "LATEST").read_text()
-    capsys.readouterr()
     pairs = _pairs_npz(tmp_path / "pairs.npz")
-    code, out, err = _retune(capsys, "--model", str(model), "--batch", "2", "--data", str(pairs), "--json", *common)
+    code, out, err = _retune(srv, "--model", str(model), "--batch", "2", "--data", str(pairs), "--json", *common)
     assert code == 0, err[-3000:]
     [outcome] = json.loads(out.strip().splitlines()[-1])
     assert outcome["status"] == "published" and outcome["latest_ms"] is None, outcome
