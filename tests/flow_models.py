@@ -21,3 +21,18 @@ def linear_digits():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
     return model.eval(), (torch.zeros(1, 1, 28, 28),)
+
+
+def heavier_digits():
+    """A convolutional digit classifier taking the same input (`input`, 1x1x28x28) as linear_digits,
+    with ~100x its work: the "retrained, bigger model at the same URI" whose rebuild is slower than LATEST."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 28 * 28, 10),
+    )
+    return model.eval(), (torch.zeros(1, 1, 28, 28),)
