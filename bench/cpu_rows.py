@@ -35,19 +35,10 @@ FACTORIES = {
 }
 
 
-def median_ms(fn, repeat: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - t))
-    return float(np.median(times))
-
-
 def measure(engine: str, path: str, x_path: str, threads: int, repeat: int) -> float:
     """In a child: median ms of one runtime on the saved input, with `threads` threads."""
+    from tasks.importers.timing import median_ms
+
     x = np.load(x_path)
     if engine == "ort":
         import onnxruntime as ort
@@ -57,7 +48,7 @@ def measure(engine: str, path: str, x_path: str, threads: int, repeat: int) -> f
         opts.log_severity_level = 3
         sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
-        return median_ms(lambda: sess.run(None, {name: x}), repeat)
+        return median_ms(lambda: sess.run(None, {name: x}), warmup=5, repeat=repeat)
     os.environ["OMP_NUM_THREADS"] = os.environ["TVM_NUM_THREADS"] = str(threads)  # before either pool starts
     import tvm
     from tvm import relax
@@ -66,7 +57,7 @@ def measure(engine: str, path: str, x_path: str, threads: int, repeat: int) -> f
 
     vm = relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
     arg = tvm.runtime.tensor(x)
-    return median_ms(lambda: vm["main"](arg), repeat)
+    return median_ms(lambda: vm["main"](arg), warmup=5, repeat=repeat)
 
 
 def child(engine: str, path: Path, x_path: Path, threads: int, repeat: int) -> float:

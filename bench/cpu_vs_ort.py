@@ -31,6 +31,7 @@ import tvm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import tasks as _tasks  # noqa: E402,F401 - sets OMP_WAIT_POLICY before set_threads loads libgomp
+from tasks.importers.timing import median_ms  # noqa: E402
 
 FACTORIES = {
     "resnet18": "tasks.importers.bundled:resnet18",
@@ -53,17 +54,6 @@ def set_threads(n: int) -> None:
         ctypes.CDLL("libgomp.so.1").omp_set_num_threads(n)
     except OSError:
         pass  # no OpenMP runtime: no oneDNN kernels either
-
-
-def median_ms(fn, repeat: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - t))
-    return float(np.median(times))
 
 
 def side_by_side_ms(fn_a, fn_b, repeat: int = 30, block: int = 10, settle: int = 2) -> tuple[float, float]:
@@ -171,7 +161,7 @@ def run_model(name: str, args, device, workers, details: dict, rows: list, flush
     for prec, path in (("fp32", onnx32), ("int8", onnx8)):
         for t in thread_set:
             sess = sessions[(prec, t)] = ort_session(path, t)
-            ort[(prec, t)] = median_ms(lambda: sess.run(None, {"x": x}), args.repeat)  # noqa: B023
+            ort[(prec, t)] = median_ms(lambda: sess.run(None, {"x": x}), repeat=args.repeat)  # noqa: B023
             if prec == "fp32":
                 d["ort_fp32_err"] = float(np.abs(sess.run(None, {"x": x})[0] - ref).max())
     say(name, "ort", {f"{p} {t}T": round(v, 3) for (p, t), v in ort.items()})
